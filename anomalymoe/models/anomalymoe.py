@@ -1,0 +1,395 @@
+"""AnomalyMoE: a frozen ViT feeding patch, global and component experts, picked per image by a router.
+
+Sparse execution: each expert runs only on the samples routed to it (the batch is grouped per expert),
+in training and inference. ``execution="dense"`` runs every expert on every sample and zero-weights the
+unselected ones, as the reference code does; both give the same outputs for the selected experts."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backbone import Backbone, BackboneFeatures
+from .config import LEVELS, ModelConfig
+from .experts.component import ComponentExpert, component_features
+from .experts.global_expert import GlobalExpert
+from .experts.patch import PatchExpert
+from .losses import (
+    MIEstimator,
+    component_loss,
+    esb_loss,
+    global_loss,
+    hard_mining_cosine,
+    hard_mining_p,
+)
+from .router import Router, Routing
+from .scoring import (
+    DEFAULT_KEY,
+    Calibration,
+    LevelNorm,
+    fit_level_norms,
+    fit_score_norms,
+    fuse,
+    smooth,
+    top_ratio_score,
+)
+
+
+@dataclass
+class PatchOut:
+    idx: Tensor  # samples this expert ran on
+    de: list[Tensor]  # per fuse group [n, C, h, w]
+
+    def feature(self) -> Tensor:  # pooled last group, used by EIR
+        return self.de[-1].mean((2, 3))
+
+
+@dataclass
+class GlobalOut:
+    idx: Tensor
+    ae: Tensor  # [n, C, h, w]
+    student: Tensor
+
+    def feature(self) -> Tensor:
+        return self.student.mean((2, 3))
+
+
+@dataclass
+class ComponentOut:
+    cidx: Tensor  # components (rows of MoEOutput.comp_feats) this expert ran on
+    recon: Tensor  # [n_c, C]
+
+
+@dataclass
+class MoEOutput:
+    routing: Routing
+    en_groups: list[Tensor]  # reconstruction targets per fuse group, [B, C, h, w]
+    patch: dict[int, PatchOut]
+    global_: dict[int, GlobalOut]
+    component: dict[int, ComponentOut]
+    comp_feats: Tensor  # [K, C]
+    comp_owner: Tensor  # [K] image index of each component
+    masks: list[Tensor | None]
+    batch_size: int
+    grid: tuple[int, int]
+    global_target: Tensor | None = None  # [B, C, h, w] (rows only for samples that need it)
+    eir_pairs: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+
+def _rows(mask_col: Tensor) -> Tensor:
+    return mask_col.nonzero(as_tuple=True)[0]
+
+
+class AnomalyMoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, backbone: Backbone | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone if backbone is not None else Backbone(cfg.backbone)
+        dim, bb = self.backbone.embed_dim, self.backbone
+        heads = max(1, dim // 64)
+        groups = len(cfg.backbone.fuse_groups)
+        self.patch_experts = nn.ModuleList(PatchExpert(dim, heads, groups, cfg.patch) for _ in range(cfg.patch.num))
+        self.global_experts = nn.ModuleList(
+            GlobalExpert(dim, cfg.backbone.img_size, bb.patch_size, cfg.global_) for _ in range(cfg.global_.num)
+        )
+        self.component_experts = nn.ModuleList(ComponentExpert(dim, cfg.component) for _ in range(cfg.component.num))
+        self.router = Router(dim, cfg.num_experts, cfg.router)
+        self.mi_estimator = MIEstimator(dim)
+        self.calibration = Calibration()  # fitted on normal images, saved as calibration.json
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """Reference init: trunc-normal(0.01) Linear weights in experts and gate, zero bias; convs default."""
+        for mod in [self.patch_experts, self.component_experts, self.router]:
+            for m in mod.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.trunc_normal_(m.weight, std=0.01, a=-0.03, b=0.03)
+                    nn.init.zeros_(m.bias)
+                elif isinstance(m, nn.LayerNorm):
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
+
+    # ----------------------------------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """Everything the artifact stores: experts and router (not the frozen backbone, not the MI
+        estimator, which only matters during training)."""
+        return {k: v for k, v in self.state_dict().items()
+                if not k.startswith(("backbone.", "mi_estimator."))}
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters()
+                if p.requires_grad and not n.startswith(("backbone.", "mi_estimator."))]
+
+    def _ran_on(self, mask: Tensor, j: int) -> Tensor:
+        if self.cfg.execution == "dense":
+            return torch.arange(mask.shape[0], device=mask.device)
+        return _rows(mask[:, j])
+
+    def forward(
+        self,
+        images: Tensor,
+        masks: list[Tensor | None] | None = None,
+        images_ae: Tensor | None = None,
+        *,
+        step: int = 0,
+        compute_targets: bool | None = None,
+        feats: BackboneFeatures | None = None,
+    ) -> MoEOutput:
+        """images: [B,3,S,S] in [0,1]. masks: component masks per image ([K,H,W], K may be 0) or None.
+        images_ae: the colour-jittered view for global experts (training); defaults to `images`.
+        compute_targets: run the backbone on images_ae for the global experts' training target
+        (default: in training mode). At inference there is exactly one backbone pass."""
+        b = images.shape[0]
+        masks = list(masks) if masks is not None else [None] * b
+        feats = feats if feats is not None else self.backbone(images)
+        routing = self.router(feats.cls)
+        groups = self.cfg.backbone.fuse_groups
+        en_groups = [feats.to_map(feats.fuse(g)) for g in groups]
+        fused_all = feats.fuse()
+        sl = routing.level_slices
+
+        # Patch experts
+        patch: dict[int, PatchOut] = {}
+        for j in range(self.cfg.patch.num):
+            idx = self._ran_on(routing.mask, sl["patch"].start + j)
+            if idx.numel():
+                patch[j] = PatchOut(idx, [feats.to_map(d) for d in self.patch_experts[j](fused_all[idx])])
+
+        # Global experts: normalised (jittered, in training) view; target = backbone map of that view
+        ae_view = images if images_ae is None else images_ae
+        ae_norm = self.backbone.normalize(ae_view)
+        glob: dict[int, GlobalOut] = {}
+        for j in range(self.cfg.global_.num):
+            idx = self._ran_on(routing.mask, sl["global"].start + j)
+            if idx.numel():
+                glob[j] = GlobalOut(idx, *self.global_experts[j](ae_norm[idx]))
+        if compute_targets is None:
+            compute_targets = self.training
+        target = None
+        if compute_targets and glob:
+            need = torch.unique(torch.cat([g.idx for g in glob.values()]))
+            target = en_groups[-1].new_zeros(en_groups[-1].shape)
+            if images_ae is None:
+                target[need] = en_groups[-1][need]
+            else:  # second backbone pass, only on the samples a global expert ran on
+                f_ae = self.backbone(images_ae[need])
+                target[need] = f_ae.to_map(f_ae.fuse(groups[-1]))
+
+        # Component experts
+        comp_feats, owner = component_features(feats.to_map(fused_all), masks, self.cfg.component.dilation)
+        comp: dict[int, ComponentOut] = {}
+        if comp_feats.shape[0]:
+            for j in range(self.cfg.component.num):
+                col = routing.mask[:, sl["component"].start + j]
+                cidx = (torch.arange(owner.numel(), device=owner.device) if self.cfg.execution == "dense"
+                        else _rows(col[owner]))
+                if cidx.numel():
+                    comp[j] = ComponentOut(cidx, self.component_experts[j](comp_feats[cidx]))
+
+        out = MoEOutput(routing, en_groups, patch, glob, comp, comp_feats, owner, masks, b, feats.grid, target)
+        if self.training and self.cfg.loss.lambda_eir > 0:
+            out.eir_pairs = self._eir_pairs(out, fused_all, ae_norm, feats)
+        return out
+
+    def _eir_pairs(self, out: MoEOutput, fused_all: Tensor, ae_norm: Tensor, feats: BackboneFeatures
+                   ) -> dict[str, tuple[Tensor, Tensor]]:
+        """Pooled features of one random pair of *active* experts per level, on the union of their
+        samples. In sparse mode a sample routed to only one of the two is run through the other too
+        (one extra expert pass on a few samples), so the bound compares both experts on the same inputs."""
+        pairs = {}
+        for level, outs in (("patch", out.patch), ("global", out.global_)):
+            active = sorted(outs)
+            if len(active) < 2:
+                continue
+            i, j = random.sample(active, 2)
+            union = torch.unique(torch.cat([outs[i].idx, outs[j].idx]))
+            if union.numel() < 2:
+                continue
+            pairs[level] = (self._feature_on(level, i, outs[i], union, fused_all, ae_norm, feats),
+                            self._feature_on(level, j, outs[j], union, fused_all, ae_norm, feats))
+        return pairs
+
+    def _feature_on(self, level: str, j: int, have: PatchOut | GlobalOut, union: Tensor, fused_all: Tensor,
+                    ae_norm: Tensor, feats: BackboneFeatures) -> Tensor:
+        pos = {int(s): k for k, s in enumerate(have.idx.tolist())}
+        missing = torch.tensor([s for s in union.tolist() if s not in pos], dtype=torch.long)
+        base = have.feature()
+        if missing.numel() == 0:
+            return base[torch.tensor([pos[s] for s in union.tolist()])]
+        if level == "patch":
+            extra = PatchOut(missing, [feats.to_map(d) for d in self.patch_experts[j](fused_all[missing])]).feature()
+        else:
+            extra = GlobalOut(missing, *self.global_experts[j](ae_norm[missing])).feature()
+        rows = torch.cat([base, extra])
+        order = {s: k for k, s in enumerate(have.idx.tolist() + missing.tolist())}
+        return rows[torch.tensor([order[s] for s in union.tolist()])]
+
+    # ----------------------------------------------------------------------------------------------
+    def losses(self, out: MoEOutput, step: int = 0) -> dict[str, Tensor]:
+        """Total loss and its parts. Every expert term is weighted by the per-sample routing weight, so
+        the router learns from reconstruction as well as from ESB; unrouted experts get no gradient."""
+        cfg, r = self.cfg.loss, out.routing
+        b = out.batch_size
+        sl = r.level_slices
+        zero = r.logits.new_zeros(())
+        p = hard_mining_p(step, cfg.p_hm, cfg.p_warmup_steps)
+        l_patch = zero
+        for j, po in out.patch.items():
+            w = r.weights[po.idx, sl["patch"].start + j]
+            per = hard_mining_cosine([e[po.idx] for e in out.en_groups], po.de, p, cfg.factor_hm)
+            l_patch = l_patch + (w * per).sum() / b
+        l_global = zero
+        if out.global_ and out.global_target is None:
+            raise ValueError("global experts ran but no training target was computed (compute_targets=False)")
+        for j, go in out.global_.items():
+            w = r.weights[go.idx, sl["global"].start + j]
+            per = global_loss(go.ae, go.student, out.global_target[go.idx])
+            l_global = l_global + (w * per).sum() / b
+        l_comp = zero
+        n_comp = max(1, out.comp_feats.shape[0])
+        for j, co in out.component.items():
+            w = r.weights[out.comp_owner[co.cidx], sl["component"].start + j]
+            per = component_loss(co.recon, out.comp_feats[co.cidx])
+            l_comp = l_comp + (w * per).sum() / n_comp
+        esb = esb_loss(r.logits, r.mask, cfg.esb_load, cfg.esb_importance, cfg.esb_z)
+        eir = self.mi_estimator.bound(out.eir_pairs) if out.eir_pairs else zero
+        total = (cfg.w_patch * l_patch + cfg.w_global * l_global + cfg.w_component * l_comp
+                 + cfg.lambda_esb * esb["esb"] + cfg.lambda_eir * eir)
+        return {"loss": total, "patch": l_patch.detach(), "global": l_global.detach(),
+                "component": l_comp.detach(), "eir": eir.detach(), **{k: v.detach() for k, v in esb.items()}}
+
+    # ----------------------------------------------------------------------------------------------
+    def level_maps(self, out: MoEOutput, size: int) -> tuple[dict[str, Tensor], Tensor]:
+        """Raw per-level anomaly maps [B, size, size] and a [B, 3] bool of which levels the router used.
+
+        Inside a level, the map is the routing-weighted mean of the selected experts' maps (weights
+        renormalised within the level), so a level's scale does not depend on how much routing mass it
+        got; how levels are combined is the scoring config's explicit fusion rule (METHOD.md §5 #8)."""
+        r, sl, b = out.routing, out.routing.level_slices, out.batch_size
+        h, w = out.grid
+        ref = out.en_groups[0]
+        maps, present = {}, torch.zeros(b, len(LEVELS), dtype=torch.bool, device=ref.device)
+
+        def accumulate(level: str, items: dict) -> Tensor:
+            acc, mass = ref.new_zeros(b, h, w), ref.new_zeros(b)
+            for j, o in items.items():
+                wj = r.weights[o.idx, sl[level].start + j]
+                if level == "patch":
+                    m = torch.stack([1 - F.cosine_similarity(e[o.idx], d, dim=1)
+                                     for e, d in zip(out.en_groups, o.de, strict=True)]).mean(0)
+                else:
+                    m = ((o.ae - o.student) ** 2).mean(1)
+                acc.index_add_(0, o.idx, wj[:, None, None] * m)
+                mass.index_add_(0, o.idx, wj)
+            present[:, LEVELS.index(level)] = mass > 0
+            return acc / mass.clamp_min(1e-12)[:, None, None]
+
+        for level, items in (("patch", out.patch), ("global", out.global_)):
+            m = accumulate(level, items)
+            maps[level] = F.interpolate(m[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+
+        # Component level: score per component painted into its mask, max over components.
+        comp_map = ref.new_zeros(b, size, size)
+        if out.component:
+            k = out.comp_feats.shape[0]
+            s, mass = ref.new_zeros(k), ref.new_zeros(k)
+            for j, co in out.component.items():
+                wj = r.weights[out.comp_owner[co.cidx], sl["component"].start + j]
+                s.index_add_(0, co.cidx, wj * component_loss(co.recon, out.comp_feats[co.cidx]))
+                mass.index_add_(0, co.cidx, wj)
+            used = mass > 0
+            s = s / mass.clamp_min(1e-12)
+            start = 0
+            for bi, m in enumerate(out.masks):
+                n = 0 if m is None else m.shape[0]
+                if n == 0:
+                    continue
+                rows = slice(start, start + n)
+                start += n
+                if not used[rows].any():
+                    continue
+                mk = F.interpolate(m[:, None].to(ref.dtype), size=(size, size), mode="nearest")[:, 0]
+                comp_map[bi] = (s[rows, None, None] * mk * used[rows, None, None]).amax(0)
+                present[bi, LEVELS.index("component")] = True
+        maps["component"] = comp_map
+        return maps, present
+
+    def level_mass(self, routing: Routing) -> Tensor:
+        """[B, 3] routing mass per level (used by the `routing` fusion rule and for explanations)."""
+        return torch.stack([routing.weights[:, routing.level_slices[lv]].sum(1) for lv in LEVELS], 1)
+
+    # ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, images: Tensor, masks: list[Tensor | None] | None = None,
+                categories: list[str | None] | None = None, calibration: Calibration | None = None) -> Prediction:
+        """Score images (eval mode, deterministic, one backbone pass)."""
+        was_training = self.training
+        self.eval()
+        try:
+            cal = calibration if calibration is not None else self.calibration
+            sc = self.cfg.scoring
+            size = sc.map_size or images.shape[-1]
+            out = self(images, masks, compute_targets=False)
+            raw, present = self.level_maps(out, size)
+            mass = self.level_mass(out.routing)
+            fused = smooth(fuse(raw, present, mass, cal, sc), sc.smooth_kernel, sc.smooth_sigma)
+            score = top_ratio_score(fused, sc.top_ratio)
+            level_scores = torch.stack(
+                [torch.where(present[:, i], top_ratio_score(cal.levels.get(lv, LevelNorm()).apply(raw[lv]),
+                                                            sc.top_ratio), torch.nan)
+                 for i, lv in enumerate(LEVELS)], 1)
+            cats = categories or [None] * images.shape[0]
+            norms = [cal.for_category(c) for c in cats]
+            normalized = torch.tensor(
+                [n.normalize(float(s)) if n else math.nan for n, s in zip(norms, score, strict=True)])
+            threshold = torch.tensor([n.threshold if n else math.nan for n in norms])
+            return Prediction(score.cpu(), normalized, threshold, fused.cpu(), {k: v.cpu() for k, v in raw.items()},
+                              present.cpu(), level_scores.cpu(), out.routing, mass.cpu())
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def fit_calibration(self, batches: Iterable[tuple[Tensor, list | None, list[str | None]]]) -> Calibration:
+        """Fit level and score normalisation on *normal* images (never the test split).
+        batches yield (images, masks, categories). Level maps are kept in float16 between the two fits,
+        so memory grows with the calibration set (a few hundred images), not with the data."""
+        sc = self.cfg.scoring
+        kept = []
+        for images, masks, cats in batches:
+            p = self.predict(images, masks, cats, Calibration())
+            kept.append((p.level_maps, p.present, p.level_mass,
+                         list(cats) if cats else [None] * images.shape[0]))
+        levels = fit_level_norms(((({k: v.float() for k, v in m.items()}), pr) for m, pr, _, _ in kept), sc)
+        cal = Calibration(levels=levels)
+        by_cat: dict[str, list[float]] = {}
+        for m, pr, mass, cats in kept:
+            fused = smooth(fuse({k: v.float() for k, v in m.items()}, pr, mass, cal, sc), sc.smooth_kernel,
+                           sc.smooth_sigma)
+            for c, s in zip(cats, top_ratio_score(fused, sc.top_ratio).tolist(), strict=True):
+                by_cat.setdefault(c or DEFAULT_KEY, []).append(s)
+        cal.scores = fit_score_norms(by_cat, sc)
+        self.calibration = cal
+        return cal
+
+
+@dataclass
+class Prediction:
+    score: Tensor  # [B] raw image score (top-1% mean of the fused, smoothed map)
+    normalized_score: Tensor  # [B] 0 = median normal image, 1 = threshold; NaN before calibration
+    threshold: Tensor  # [B] raw-score threshold of the image's category
+    anomaly_map: Tensor  # [B, S, S] fused, smoothed
+    level_maps: dict[str, Tensor]  # raw per-level maps [B, S, S]
+    present: Tensor  # [B, 3] levels the router used
+    level_scores: Tensor  # [B, 3] top-1% mean of each calibrated level map (NaN where unused)
+    routing: Routing
+    level_mass: Tensor  # [B, 3]
+
+    @property
+    def is_anomaly(self) -> Tensor:
+        return self.score > self.threshold  # False where the threshold is NaN (uncalibrated)

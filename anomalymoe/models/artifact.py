@@ -1,0 +1,92 @@
+"""The model artifact (DESIGN.md §5): a directory that training writes and serving loads.
+
+    model.safetensors   trainable weights (experts + router); never a pickle
+    config.json         full model config + its hash + the backbone reference (name, weights URI, sha256)
+    calibration.json    normalisation and thresholds fitted on normal images
+    metrics.json        optional evaluation results
+
+The backbone is referenced, not copied: loading rebuilds it from the URI and refuses weights whose
+sha256 differs from the one recorded at training time."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .anomalymoe import AnomalyMoE
+from .config import ModelConfig
+from .scoring import Calibration
+
+FORMAT = "anomalymoe-artifact/1"
+
+
+class ArtifactError(ValueError):
+    """An artifact that is incomplete, of another format, or does not fit its config."""
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def save_artifact(model: AnomalyMoE, directory: str | Path, metrics: dict | None = None,
+                  extra: dict | None = None) -> Path:
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    state = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
+    tmp = d / "model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": FORMAT, "config_hash": cfg.config_hash()})
+    os.replace(tmp, d / "model.safetensors")
+    _write_json(d / "config.json", {
+        "format": FORMAT,
+        "config_hash": cfg.config_hash(),
+        "model": cfg.to_dict(),
+        "backbone": {"name": cfg.backbone.name, "weights": cfg.backbone.weights,
+                     "sha256": cfg.backbone.weights_sha256},
+        "num_trainable_tensors": len(state),
+        **(extra or {}),
+    })
+    _write_json(d / "calibration.json", model.calibration.to_dict())
+    if metrics is not None:
+        _write_json(d / "metrics.json", metrics)
+    return d
+
+
+def load_artifact(directory: str | Path, device: str | torch.device = "cpu") -> AnomalyMoE:
+    d = Path(directory)
+    for name in ("model.safetensors", "config.json", "calibration.json"):
+        if not (d / name).is_file():
+            raise ArtifactError(f"{d} is not a model artifact: {name} is missing")
+    meta = json.loads((d / "config.json").read_text())
+    if meta.get("format") != FORMAT:
+        raise ArtifactError(f"{d}: unsupported artifact format {meta.get('format')!r} (expected {FORMAT})")
+    cfg = ModelConfig.from_dict(meta["model"])
+    if cfg.config_hash() != meta.get("config_hash"):
+        raise ArtifactError(f"{d}/config.json was edited: its hash does not match its contents")
+    model = AnomalyMoE(cfg)
+    state = load_file(str(d / "model.safetensors"), device="cpu")
+    own = model.trainable_state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise ArtifactError(
+            f"{d}/model.safetensors does not fit its config: missing keys {missing[:10]}"
+            f"{' …' if len(missing) > 10 else ''}, unexpected keys {unexpected[:10]}"
+            f"{' …' if len(unexpected) > 10 else ''}, shape mismatches "
+            f"{[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in wrong[:10]]}"
+        )
+    model.load_state_dict(state, strict=False)  # strictness checked above; the backbone comes from its URI
+    model.calibration = Calibration.from_dict(json.loads((d / "calibration.json").read_text()))
+    return model.to(device).eval()
+
+
+def read_metrics(directory: str | Path) -> dict | None:
+    p = Path(directory) / "metrics.json"
+    return json.loads(p.read_text()) if p.exists() else None

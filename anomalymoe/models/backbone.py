@@ -1,0 +1,205 @@
+"""Frozen ViT backbones (timm) and where their weights come from.
+
+The backbone is never trained: it runs under ``no_grad`` in eval mode and is not part of the model
+artifact's trainable weights (the artifact names it + its weights URI + hash instead)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from timm.layers import resample_abs_pos_embed
+from torch import Tensor, nn
+
+from .config import BackboneConfig
+
+log = logging.getLogger(__name__)
+
+OFFLINE_PREFIX = "offline:"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ANOMALYMOE_CACHE", Path.home() / ".cache" / "anomalymoe"))
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class BackboneFeatures:
+    """Tokens of the target blocks, prefix (CLS + registers) included, plus the gate's CLS token."""
+
+    layers: list[Tensor]  # each [B, num_prefix + h*w, C]
+    cls: Tensor  # [B, C]: CLS of the last block, before the final norm (the router's input)
+    num_prefix: int
+    grid: tuple[int, int]
+
+    def fuse(self, positions: list[int] | None = None) -> Tensor:
+        """Mean over target layers (all when positions is None), all tokens kept."""
+        chosen = self.layers if positions is None else [self.layers[i] for i in positions]
+        return torch.stack(chosen, 0).mean(0)
+
+    def to_map(self, tokens: Tensor) -> Tensor:
+        """[B, prefix + h*w, C] tokens -> [B, C, h, w] patch map (prefix dropped)."""
+        b, _, c = tokens.shape
+        return tokens[:, self.num_prefix :].transpose(1, 2).reshape(b, c, *self.grid)
+
+    def select(self, idx: Tensor) -> BackboneFeatures:
+        return BackboneFeatures([t[idx] for t in self.layers], self.cls[idx], self.num_prefix, self.grid)
+
+
+def _tiny_vit(cfg: BackboneConfig) -> nn.Module:
+    """A seeded random ViT shaped like DINOv2 (patch 14, CLS, LayerScale) but tiny: unit tests only."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    depth = max(cfg.target_layers) + 2
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return VisionTransformer(
+            img_size=cfg.img_size, patch_size=14, embed_dim=48, depth=depth, num_heads=3,
+            init_values=None, num_classes=0,
+        )
+
+
+def _download_s3(uri: str) -> Path:
+    """Fetch an s3:// object into the cache (keyed by URI + ETag) and return the local path."""
+    import boto3  # lazy: only needed for s3 weights
+
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket or not key:
+        raise ValueError(f"malformed S3 URI {uri!r}: expected s3://bucket/key")
+    s3 = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+    try:
+        etag = s3.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+    except Exception as e:  # botocore ClientError / EndpointConnectionError
+        raise FileNotFoundError(f"cannot read backbone weights {uri}: {e}") from e
+    dest = cache_dir() / "s3" / hashlib.sha256(f"{uri}:{etag}".encode()).hexdigest()[:24] / Path(key).name
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp:
+            s3.download_fileobj(bucket, key, tmp)
+        os.replace(tmp.name, dest)
+    return dest
+
+
+def resolve_weights_file(uri: str) -> Path | None:
+    """Local path of a weights URI, or None for hub tags (handled by timm)."""
+    if uri.startswith(OFFLINE_PREFIX):
+        from .offline_weights import OFFLINE_DINOV2_S, offline_dinov2_vits14
+
+        if uri != OFFLINE_DINOV2_S:
+            raise ValueError(f"unknown offline weights {uri!r}; available: {OFFLINE_DINOV2_S}")
+        return offline_dinov2_vits14()
+    if uri.startswith("s3://"):
+        return _download_s3(uri)
+    if uri.endswith(".safetensors") or Path(uri).exists():
+        path = Path(uri).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"backbone weights file not found: {path}")
+        if path.suffix != ".safetensors":
+            raise ValueError(f"backbone weights must be .safetensors (never pickles), got {path}")
+        return path
+    return None  # a timm hub tag
+
+
+class Backbone(nn.Module):
+    """A frozen timm ViT that returns the target blocks' tokens and the last block's CLS."""
+
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.name == "test_tiny_vit":
+            self.vit = _tiny_vit(cfg)
+            if cfg.weights is not None:
+                self._load(cfg.weights)
+        elif cfg.weights and resolve_weights_file(cfg.weights) is None:
+            # timm hub tag: needs network access; timm resamples the position grid itself.
+            self.vit = timm.create_model(cfg.name, pretrained=True, num_classes=0, img_size=cfg.img_size,
+                                         pretrained_cfg_overlay=None if cfg.weights == "timm" else
+                                         {"hf_hub_id": cfg.weights.removeprefix("hf-hub:")})
+        else:
+            self.vit = timm.create_model(cfg.name, pretrained=False, num_classes=0, img_size=cfg.img_size)
+            if cfg.weights is None:
+                warnings.warn(
+                    f"backbone {cfg.name} has RANDOM weights (backbone.weights is None): anomaly maps will be "
+                    "close to meaningless. Use 'offline:dinov2_vits14' or a .safetensors file.",
+                    stacklevel=2,
+                )
+            else:
+                self._load(cfg.weights)
+        self.vit.eval().requires_grad_(False)
+        depth = len(self.vit.blocks)
+        if max(cfg.target_layers) >= depth:
+            raise ValueError(f"target_layers {cfg.target_layers} exceed the backbone's {depth} blocks")
+        self.depth = depth
+        self.embed_dim: int = self.vit.embed_dim
+        self.num_prefix: int = self.vit.num_prefix_tokens
+        self.patch_size: int = self.vit.patch_embed.patch_size[0]
+        if cfg.img_size % self.patch_size:
+            raise ValueError(f"img_size {cfg.img_size} is not a multiple of the patch size {self.patch_size}")
+        self.grid = (cfg.img_size // self.patch_size, cfg.img_size // self.patch_size)
+        self._indices = sorted(set(cfg.target_layers) | {depth - 1})
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def _load(self, uri: str) -> None:
+        path = resolve_weights_file(uri)
+        if path is None:
+            raise ValueError(f"{uri!r} is a hub tag; only files can be loaded into {self.cfg.name}")
+        digest = sha256_file(path)
+        if self.cfg.weights_sha256 and self.cfg.weights_sha256 != digest:
+            raise ValueError(
+                f"backbone weights {uri} have sha256 {digest[:12]}…, the config expects "
+                f"{self.cfg.weights_sha256[:12]}…: these are not the weights the model was trained with"
+            )
+        self.cfg.weights_sha256 = digest
+        sd = load_file(str(path))
+        pe = sd.get("pos_embed")
+        own = self.vit.pos_embed
+        if pe is not None and pe.shape != own.shape:
+            prefix = 0 if getattr(self.vit, "no_embed_class", False) else self.vit.num_prefix_tokens
+            sd["pos_embed"] = resample_abs_pos_embed(pe, new_size=list(self.vit.patch_embed.grid_size),
+                                                     num_prefix_tokens=prefix)
+        missing, unexpected = self.vit.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"backbone weights {uri} do not fit {self.cfg.name}: missing keys {missing}, "
+                             f"unexpected keys {unexpected}")
+        log.info("backbone %s loaded from %s (sha256 %s)", self.cfg.name, uri, digest[:12])
+
+    def train(self, mode: bool = True) -> Backbone:  # always frozen, always eval
+        super().train(False)
+        return self
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """[0,1] RGB -> ImageNet-normalised (the transform every DINOv2 model expects)."""
+        return (images - self.mean) / self.std
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> BackboneFeatures:
+        """images: [B,3,H,W] in [0,1] at cfg.img_size."""
+        if images.shape[-2:] != (self.cfg.img_size, self.cfg.img_size):
+            images = F.interpolate(images, size=(self.cfg.img_size,) * 2, mode="bilinear", align_corners=False)
+        outs = self.vit.forward_intermediates(
+            self.normalize(images), indices=self._indices, return_prefix_tokens=True, norm=False,
+            output_fmt="NLC", intermediates_only=True,
+        )
+        by_block = dict(zip(self._indices, outs, strict=True))
+        layers = [torch.cat([by_block[i][1], by_block[i][0]], 1) for i in self.cfg.target_layers]
+        cls = by_block[self.depth - 1][1][:, 0]
+        return BackboneFeatures(layers, cls, self.num_prefix, self.grid)

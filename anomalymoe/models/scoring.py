@@ -1,0 +1,168 @@
+"""From level maps to one anomaly map and an image score, with normalisation fitted on normal images.
+
+The reference min-max normalises each level over the whole *test set* of a class (METHOD.md §5 #5):
+scores then depend on the other test images and cannot be streamed. Here every statistic comes from
+normal (validation) images and is frozen into ``calibration.json``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import LEVELS, ScoringConfig
+
+DEFAULT_KEY = "_default"
+
+
+@dataclass
+class LevelNorm:
+    low: float = 0.0
+    high: float = 1.0
+
+    def apply(self, m: Tensor) -> Tensor:
+        return (m - self.low) / max(self.high - self.low, 1e-12)
+
+
+@dataclass
+class ScoreNorm:
+    """Image-score normalisation per category: 0 = the median normal image, 1 = the threshold."""
+
+    median: float
+    threshold: float
+    n: int
+
+    def normalize(self, s: float) -> float:
+        return (s - self.median) / max(self.threshold - self.median, 1e-12)
+
+
+@dataclass
+class Calibration:
+    levels: dict[str, LevelNorm] = field(default_factory=dict)
+    scores: dict[str, ScoreNorm] = field(default_factory=dict)
+
+    @property
+    def fitted(self) -> bool:
+        return bool(self.scores)
+
+    def for_category(self, category: str | None) -> ScoreNorm | None:
+        return self.scores.get(category or DEFAULT_KEY) or self.scores.get(DEFAULT_KEY)
+
+    def to_dict(self) -> dict:
+        return {
+            "levels": {k: {"low": v.low, "high": v.high} for k, v in self.levels.items()},
+            "scores": {k: {"median": v.median, "threshold": v.threshold, "n": v.n} for k, v in self.scores.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Calibration:
+        return cls(
+            levels={k: LevelNorm(float(v["low"]), float(v["high"])) for k, v in d.get("levels", {}).items()},
+            scores={k: ScoreNorm(float(v["median"]), float(v["threshold"]), int(v["n"]))
+                    for k, v in d.get("scores", {}).items()},
+        )
+
+
+def gaussian_kernel(size: int, sigma: float, device=None, dtype=torch.float32) -> Tensor:
+    x = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return g[:, None] * g[None, :]
+
+
+def smooth(maps: Tensor, size: int, sigma: float) -> Tensor:
+    """Depthwise Gaussian blur of [B, H, W] maps with reflect padding (no dark border)."""
+    if size <= 1 or sigma <= 0:
+        return maps
+    k = gaussian_kernel(size, sigma, maps.device, maps.dtype)[None, None]
+    pad = size // 2
+    x = F.pad(maps[:, None], (pad, pad, pad, pad), mode="reflect")
+    return F.conv2d(x, k)[:, 0]
+
+
+def top_ratio_score(maps: Tensor, ratio: float) -> Tensor:
+    flat = maps.flatten(1)
+    k = max(1, int(flat.shape[1] * ratio))
+    return flat.topk(k, dim=1).values.mean(1)
+
+
+def fuse(
+    level_maps: dict[str, Tensor], present: Tensor, level_mass: Tensor, cal: Calibration, cfg: ScoringConfig
+) -> Tensor:
+    """One map from the level maps the router used. Each level is first put on a common scale by its
+    normal-image quantiles (EfficientAD), then combined by the configured rule:
+    mean: sum_l w_l * m_l / sum_l w_l over used levels; max: pixel-wise max over used levels;
+    routing: levels weighted by their routing mass (the reference's intent, without test statistics)."""
+    normed = torch.stack([cal.levels.get(lv, LevelNorm()).apply(level_maps[lv]) for lv in LEVELS], 1)  # [B,3,H,W]
+    used = present.to(normed.dtype)[:, :, None, None]
+    if cfg.fusion == "max":
+        return torch.where(used.bool(), normed, torch.full_like(normed, -math.inf)).amax(1)
+    if cfg.fusion == "mean":
+        w = torch.tensor([cfg.level_weights.get(lv, 1.0) for lv in LEVELS], dtype=normed.dtype,
+                         device=normed.device)[None, :, None, None] * used
+    else:
+        w = level_mass.to(normed.dtype)[:, :, None, None] * used
+    return (normed * w).sum(1) / w.sum(1).clamp_min(1e-12)
+
+
+class QuantileSketch:
+    """Bounded reservoir of values for quantile estimates over many images (seeded, deterministic)."""
+
+    def __init__(self, capacity: int = 200_000, seed: int = 0):
+        self.capacity, self.rng = capacity, np.random.default_rng(seed)
+        self.values: list[np.ndarray] = []
+        self.count = 0
+
+    def add(self, x: Tensor | np.ndarray, per_item: int = 4096) -> None:
+        a = x.detach().float().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x, np.float32)
+        a = a.reshape(-1)
+        if a.size > per_item:
+            a = self.rng.choice(a, per_item, replace=False)
+        self.values.append(a.astype(np.float32))
+        self.count += a.size
+        if self.count > 2 * self.capacity:
+            allv = np.concatenate(self.values)
+            self.values = [self.rng.choice(allv, self.capacity, replace=False)]
+            self.count = self.capacity
+
+    def quantile(self, q: float) -> float:
+        return float(np.quantile(np.concatenate(self.values), q)) if self.values else float("nan")
+
+
+def fit_level_norms(level_batches: Iterable[tuple[dict[str, Tensor], Tensor]], cfg: ScoringConfig
+                    ) -> dict[str, LevelNorm]:
+    """Quantiles q_low / q_high of each level's pixel values on normal images, over the images that
+    level was used on. A level never used keeps the identity."""
+    sketches = {lv: QuantileSketch(seed=i) for i, lv in enumerate(LEVELS)}
+    for maps, present in level_batches:
+        for i, lv in enumerate(LEVELS):
+            rows = present[:, i]
+            if rows.any():
+                sketches[lv].add(maps[lv][rows])
+    out = {}
+    for lv, sk in sketches.items():
+        if sk.count:
+            lo, hi = sk.quantile(cfg.q_low), sk.quantile(cfg.q_high)
+            # A near-degenerate normal distribution (e.g. component maps that are 0 almost everywhere)
+            # must not blow a level up by 1/(hi-lo): the spread is at least 5% of the level's scale.
+            spread = max(hi - lo, 0.05 * max(abs(hi), abs(lo)), 1e-8)
+            out[lv] = LevelNorm(lo, lo + spread)
+    return out
+
+
+def fit_score_norms(scores_by_category: dict[str, list[float]], cfg: ScoringConfig) -> dict[str, ScoreNorm]:
+    """Per-category median and threshold (a high quantile) of normal-image scores, plus a pooled
+    `_default` for categories the calibration never saw."""
+    out = {}
+    pooled = [s for v in scores_by_category.values() for s in v]
+    for key, vals in [*scores_by_category.items(), (DEFAULT_KEY, pooled)]:
+        if not vals:
+            continue
+        a = np.asarray(vals, dtype=np.float64)
+        out[key] = ScoreNorm(float(np.median(a)), float(np.quantile(a, cfg.threshold_quantile)), int(a.size))
+    return out

@@ -1,0 +1,139 @@
+"""The training step and a single-process fit loop (pure PyTorch; the Ray Train job wraps the same step).
+
+One step = one forward (one backbone pass on the clean view, one on the jittered view only for the
+samples a global expert ran on), one backward, then the EIR estimator learns from the *detached* pair
+features of that same forward. ``reference_mode`` re-creates the reference's costs for benchmarking:
+dense experts (set on the model config; every sample then gets the jittered pass), and a second full
+no-grad forward just to train the estimator (METHOD.md §5 #1-#3)."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..models.anomalymoe import AnomalyMoE
+from .optim import StableAdamW, warm_cosine_lr
+
+log = logging.getLogger(__name__)
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    steps: int = 100_000
+    batch_size: int = 8
+    lr: float = 5e-4
+    warmup_steps: int = 100
+    final_lr_ratio: float = 0.01
+    weight_decay: float = 1e-4
+    grad_clip: float = 0.1
+    estimator_lr: float = 5e-4
+    jitter: float = 0.2  # EfficientAD: brightness, contrast or saturation by a factor in U(0.8, 1.2)
+    seed: int = 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - third-party code may still draw from the legacy global state
+    torch.manual_seed(seed)
+
+
+def color_jitter(images: Tensor, strength: float, generator: torch.Generator | None = None) -> Tensor:
+    """Per image, one of brightness / contrast / saturation scaled by U(1-s, 1+s) (the global experts' view)."""
+    if strength <= 0:
+        return images
+    out = torch.empty_like(images)
+    choice = torch.randint(0, 3, (images.shape[0],), generator=generator)
+    factor = 1 - strength + 2 * strength * torch.rand(images.shape[0], generator=generator)
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    for i in range(images.shape[0]):
+        out[i] = ops[int(choice[i])](images[i], float(factor[i])).clamp(0, 1)
+    return out
+
+
+class Trainer:
+    def __init__(self, model: AnomalyMoE, cfg: TrainConfig, reference_mode: bool = False):
+        self.model, self.cfg, self.reference_mode = model, cfg, reference_mode
+        groups = [
+            {"params": [p for p in model.patch_experts.parameters()], "name": "patch"},
+            {"params": [p for p in model.global_experts.parameters()], "name": "global"},
+            {"params": [p for p in model.component_experts.parameters()], "name": "component"},
+            {"params": [p for p in model.router.parameters()], "name": "router"},
+        ]
+        self.opt = StableAdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.est_opt = torch.optim.Adam(model.mi_estimator.parameters(), lr=cfg.estimator_lr, weight_decay=1e-4)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.step_num = 0
+
+    def step(self, images: Tensor, masks: list[Tensor | None] | None = None) -> dict[str, float]:
+        m, cfg = self.model, self.cfg
+        m.train()
+        t0 = time.perf_counter()
+        images_ae = color_jitter(images, cfg.jitter, self.generator)
+        out = m(images, masks, images_ae, step=self.step_num)
+        losses = m.losses(out, self.step_num)
+        t1 = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(m.expert_parameters(), cfg.grad_clip)
+        t2 = time.perf_counter()
+        lr = warm_cosine_lr(self.step_num, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.final_lr_ratio)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.opt.step()
+        pairs = out.eir_pairs
+        if self.reference_mode:  # reference: a second full forward only to feed the estimator
+            with torch.no_grad():
+                pairs = m(images, masks, images_ae, step=self.step_num).eir_pairs
+        est = 0.0
+        if pairs:
+            self.est_opt.zero_grad(set_to_none=True)
+            est_loss = m.mi_estimator.learning_loss(pairs)
+            est_loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.mi_estimator.parameters(), cfg.grad_clip)
+            self.est_opt.step()
+            est = float(est_loss.detach())
+        t3 = time.perf_counter()
+        self.step_num += 1
+        r = out.routing
+        usage = r.mask.float().mean(0)
+        return {
+            **{k: float(v) for k, v in losses.items()},
+            "estimator_nll": est, "grad_norm": float(grad_norm), "lr": lr,
+            "time_forward": t1 - t0, "time_backward": t2 - t1, "time_optimizer": t3 - t2,
+            **{f"use_{lv}": float(usage[s].sum()) for lv, s in r.level_slices.items()},
+        }
+
+
+def fit(model: AnomalyMoE, batches: Callable[[], Iterator[tuple[Tensor, list | None]]], cfg: TrainConfig,
+        log_every: int = 10, progress: bool = True) -> list[dict[str, float]]:
+    """Train for cfg.steps, cycling over `batches()` (a fresh iterator per epoch)."""
+    seed_everything(cfg.seed)
+    trainer = Trainer(model, cfg)
+    history = []
+    it = batches()
+    bar = tqdm(total=cfg.steps, desc="train", disable=not progress, dynamic_ncols=True)
+    start = time.perf_counter()
+    while trainer.step_num < cfg.steps:
+        try:
+            images, masks = next(it)
+        except StopIteration:
+            it = batches()
+            continue
+        rec = trainer.step(images, masks)
+        history.append(rec)
+        bar.update(1)
+        if trainer.step_num % log_every == 0 or trainer.step_num == cfg.steps:
+            ips = trainer.step_num * images.shape[0] / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", patch=f"{rec['patch']:.3f}", glob=f"{rec['global']:.3f}",
+                            img_s=f"{ips:.1f}")
+    bar.close()
+    return history

@@ -1,0 +1,253 @@
+"""AnomalyMoE model parts on a seeded tiny random ViT (seconds, no servers)."""
+
+import copy
+
+import pytest
+import torch
+
+from anomalymoe.models.anomalymoe import AnomalyMoE
+from anomalymoe.models.config import LEVELS, ModelConfig, RouterConfig
+from anomalymoe.models.experts.component import component_features
+from anomalymoe.models.experts.global_expert import GlobalExpert
+from anomalymoe.models.experts.patch import LinearAttention, PatchExpert
+from anomalymoe.models.losses import CLUBEstimator, esb_loss, hard_mining_cosine
+from anomalymoe.platform.trainer import TrainConfig, Trainer
+
+pytestmark = pytest.mark.unit
+
+
+def _spread_router(model: AnomalyMoE, seed: int = 1) -> None:
+    """The reference init (std 0.01) routes every image alike; spread it so samples differ."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.router.parameters():
+        p.data = torch.randn(p.shape, generator=g) * 3.0
+
+
+def _batch(b=6, size=56, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(b, 3, size, size, generator=g)
+    images = images * torch.linspace(0.1, 1.0, b)[:, None, None, None]  # distinct CLS tokens
+    masks = []
+    for i in range(b):
+        k = i % 3  # 0, 1 or 2 components; one image has none
+        masks.append((torch.rand(k, size, size, generator=g) > 0.6) if k else None)
+    masks[1] = torch.zeros(0, size, size, dtype=torch.bool)  # explicit zero-count tensor
+    return images, masks
+
+
+@pytest.fixture
+def model(tiny_cfg):
+    torch.manual_seed(0)
+    m = AnomalyMoE(tiny_cfg)
+    _spread_router(m)
+    return m
+
+
+def _dense_twin(model: AnomalyMoE) -> AnomalyMoE:
+    twin = copy.deepcopy(model)
+    twin.cfg = model.cfg.model_copy(update={"execution": "dense"})
+    return twin
+
+
+def test_sparse_and_dense_agree_on_selected_experts(model):
+    images, masks = _batch()
+    model.eval()
+    dense = _dense_twin(model).eval()
+    with torch.no_grad():
+        s = model(images, masks)
+        d = dense(images, masks)
+    assert torch.equal(s.routing.mask, d.routing.mask)
+    assert len({tuple(r) for r in s.routing.mask.int().tolist()}) > 1, "test needs varied routing"
+    diffs = []
+    for j, po in s.patch.items():
+        for a, b in zip(po.de, d.patch[j].de, strict=True):
+            diffs.append((a - b[po.idx]).abs().max())
+    for j, go in s.global_.items():
+        dg = d.global_[j]
+        diffs += [(go.ae - dg.ae[go.idx]).abs().max(), (go.student - dg.student[go.idx]).abs().max()]
+    for j, co in s.component.items():
+        diffs.append((co.recon - d.component[j].recon[co.cidx]).abs().max())
+    assert diffs and max(float(x) for x in diffs) < 1e-5
+    # sparse runs only the routed experts; dense runs all of them on every sample
+    assert sum(po.idx.numel() for po in s.patch.values()) == int(s.routing.level("patch")[1].sum())
+    assert all(po.idx.numel() == images.shape[0] for po in d.patch.values()) and len(d.patch) == model.cfg.patch.num
+    ps, pd = model.predict(images, masks), dense.predict(images, masks)
+    assert (ps.anomaly_map - pd.anomaly_map).abs().max() < 1e-5
+    assert (ps.score - pd.score).abs().max() < 1e-5
+
+
+def test_unrouted_experts_get_no_gradient(model):
+    images, masks = _batch()
+    model.train()
+    out = model(images, masks, images_ae=images.flip(-1))
+    model.losses(out)["loss"].backward()
+    used = out.routing.mask.any(0)
+    sl = out.routing.level_slices
+    experts = {"patch": model.patch_experts, "global": model.global_experts, "component": model.component_experts}
+    checked_unused = checked_used = 0
+    for lv, mods in experts.items():
+        for j, mod in enumerate(mods):
+            grads = [p.grad for p in mod.parameters()]
+            if not used[sl[lv].start + j]:
+                assert all(g is None for g in grads), f"{lv} expert {j} was not routed but got a gradient"
+                checked_unused += 1
+            elif lv != "component" or out.component:
+                assert any(g is not None and g.abs().sum() > 0 for g in grads), f"{lv} expert {j} got no gradient"
+                checked_used += 1
+    assert checked_unused > 0 and checked_used > 0
+    assert model.router.gate[0].weight.grad.abs().sum() > 0
+
+
+def test_esb_load_term_has_router_gradient():
+    torch.manual_seed(0)
+    logits = torch.randn(16, 9, requires_grad=True)
+    mask = torch.zeros(16, 9, dtype=torch.bool).scatter(1, logits.topk(3, 1).indices, True)
+    out = esb_loss(logits, mask, w_load=1.0, w_importance=0.0, w_z=0.0)
+    out["esb"].backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 1e-6
+    # load = E * sum f_j P_j equals 1 at perfectly uniform routing and probabilities
+    uni = torch.zeros(18, 6, requires_grad=True)
+    umask = torch.zeros(18, 6, dtype=torch.bool)
+    for i in range(18):
+        umask[i, i % 6] = True
+    assert abs(float(esb_loss(uni, umask, 1, 0, 0)["esb_load"]) - 1.0) < 1e-6
+
+
+def test_esb_z_loss_is_logsumexp_squared():
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    z = esb_loss(logits, torch.ones_like(logits, dtype=torch.bool), 0, 0, 1)["esb_z"]
+    assert torch.allclose(z, torch.logsumexp(logits, 1).pow(2).mean())
+
+
+def test_club_log_likelihood_includes_logvar():
+    torch.manual_seed(0)
+    est = CLUBEstimator(8)
+    x, y = torch.randn(5, 8), torch.randn(5, 8)
+    mu, logvar = est.mu_logvar(x)
+    expected = (-((mu - y) ** 2) / logvar.exp() - logvar).sum(1).mean()
+    assert torch.allclose(est.log_likelihood(x, y), expected)
+    # the -logvar term makes the variance head feel a push *down* when predictions are good
+    est.zero_grad()
+    (-est.log_likelihood(x, mu.detach())).backward()
+    assert est.p_logvar[2].bias.grad.sum() > 0
+
+
+def test_estimator_step_does_not_rerun_the_model(model):
+    images, masks = _batch()
+    calls = {"router": 0}
+    model.router.register_forward_hook(lambda *a: calls.__setitem__("router", calls["router"] + 1))
+    tr = Trainer(model, TrainConfig(steps=5, warmup_steps=1))
+    model.cfg.loss.lambda_eir = 1.0
+    rec = tr.step(images, masks)
+    assert calls["router"] == 1
+    assert rec["estimator_nll"] != 0.0, "the estimator should have trained on this step's pairs"
+    ref = Trainer(model, TrainConfig(steps=5, warmup_steps=1), reference_mode=True)
+    calls["router"] = 0
+    ref.step(images, masks)
+    assert calls["router"] == 2  # the reference's second full forward, kept only for benchmarks
+
+
+def test_estimator_learns_on_detached_features(model):
+    images, masks = _batch()
+    model.train()
+    model.cfg.loss.lambda_eir = 1.0
+    out = model(images, masks, images_ae=images)
+    assert out.eir_pairs, "two active experts per level expected with spread routing"
+    loss = model.mi_estimator.learning_loss(out.eir_pairs)
+    loss.backward()
+    assert all(p.grad is None for p in model.patch_experts.parameters())
+    for lv in out.eir_pairs:
+        assert all(p.grad is not None for p in model.mi_estimator.club[lv].parameters())
+
+
+def test_hard_mining_scales_easy_point_gradients():
+    torch.manual_seed(0)
+    en = [torch.randn(2, 4, 5, 5)]
+    de = [torch.randn(2, 4, 5, 5, requires_grad=True)]
+    plain = hard_mining_cosine(en, [de[0]], p=0.0, factor=1.0)
+    mined = hard_mining_cosine(en, [de[0]], p=0.9, factor=0.1)
+    assert torch.allclose(plain, mined)  # the value is unchanged
+    g_plain = torch.autograd.grad(plain.sum(), de[0])[0]
+    g_mined = torch.autograd.grad(mined.sum(), de[0])[0]
+    ratio = (g_mined.norm(dim=1) / g_plain.norm(dim=1).clamp_min(1e-12)).flatten()
+    hard = (ratio - 1).abs() < 1e-5
+    easy = (ratio - 0.1).abs() < 1e-5
+    assert bool((hard | easy).all()) and int(hard.sum()) == 5  # top 10% of 50 points
+
+
+def test_per_level_router_uses_every_level(tiny_cfg):
+    cfg = tiny_cfg.model_copy(update={"router": RouterConfig(hidden=32, mode="per_level", top_k_per_level=2)})
+    torch.manual_seed(0)
+    m = AnomalyMoE(cfg).eval()
+    r = m.router(torch.randn(7, m.backbone.embed_dim))
+    for lv in LEVELS:
+        w, mk = r.level(lv)
+        assert (mk.sum(1) == 2).all()
+        assert torch.allclose(w.sum(1), torch.ones(7))
+    assert r.logits.shape == (7, 9)
+
+
+def test_joint_router_topk(model):
+    r = model.router(torch.randn(5, model.backbone.embed_dim))
+    assert (r.mask.sum(1) == 3).all()
+    assert torch.allclose(r.weights.sum(1), torch.ones(5))
+    assert (r.weights[~r.mask] == 0).all() and (r.weights >= 0).all()
+
+
+def test_component_features_any_count():
+    fmap = torch.randn(3, 4, 4, 4)
+    masks = [torch.ones(2, 16, 16), None, torch.zeros(0, 16, 16)]
+    feats, owner = component_features(fmap, masks, dilation=1)
+    assert feats.shape == (2, 4) and owner.tolist() == [0, 0]
+    assert torch.allclose(feats[0], fmap[0].mean((1, 2)), atol=1e-6)
+    empty, own = component_features(fmap, [None, None, None], 5)
+    assert empty.shape == (0, 4) and own.numel() == 0
+
+
+def test_linear_attention_eps_prevents_nan():
+    attn = LinearAttention(8, 2, eps=1e-6)
+    with torch.no_grad():
+        attn.qkv.weight.fill_(-1e4)
+        attn.qkv.bias.fill_(-1e4)  # elu(-big)+1 == 0 -> normaliser 0 without eps
+    assert torch.isfinite(attn(torch.ones(1, 4, 8))).all()
+
+
+def test_reference_shapes_and_sizes():
+    """At the reference shape (ViT-B, 392 px) each expert has the reference's parameter count."""
+    cfg = ModelConfig()
+    pe = PatchExpert(768, 12, 2, cfg.patch)
+    ge = GlobalExpert(768, 392, 14, cfg.global_)
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert abs(n(pe) / 61.43e6 - 1) < 0.01
+    assert abs(n(ge.autoencoder) / 5.57e6 - 1) < 0.01 and abs(n(ge.student) / 7.94e6 - 1) < 0.01
+    ae, st = ge(torch.randn(1, 3, 392, 392))
+    assert ae.shape == st.shape == (1, 768, 28, 28)
+    ge224 = GlobalExpert(384, 224, 14, cfg.global_)
+    ae, st = ge224(torch.randn(1, 3, 224, 224))
+    assert ae.shape == st.shape == (1, 384, 16, 16)
+
+
+def test_eval_is_deterministic_and_calibration_uses_normals(model):
+    images, masks = _batch()
+    p1, p2 = model.predict(images, masks), model.predict(images, masks)
+    assert torch.equal(p1.anomaly_map, p2.anomaly_map)
+    assert torch.isnan(p1.normalized_score).all()  # uncalibrated: no threshold yet
+    cats = ["a", "b"] * 3
+    cal = model.fit_calibration([(images, masks, cats)])
+    assert set(cal.scores) == {"a", "b", "_default"} and set(cal.levels) <= set(LEVELS)
+    p = model.predict(images, masks, cats)
+    for c in ("a", "b"):
+        rows = [i for i, x in enumerate(cats) if x == c]
+        s = p.normalized_score[rows]
+        assert float(s.median()) == pytest.approx(0.0, abs=1e-5)
+    assert torch.isfinite(p.threshold).all()
+
+
+def test_fusion_rules(model):
+    images, masks = _batch()
+    maps = {}
+    for rule in ("mean", "max", "routing"):
+        model.cfg.scoring.fusion = rule
+        maps[rule] = model.predict(images, masks).anomaly_map
+    assert not torch.allclose(maps["mean"], maps["max"])
+    assert (maps["max"] >= maps["mean"] - 1e-5).all()  # smoothing is linear and positive: max >= mean
