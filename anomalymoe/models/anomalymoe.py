@@ -148,7 +148,10 @@ class AnomalyMoE(nn.Module):
         b = images.shape[0]
         masks = list(masks) if masks is not None else [None] * b
         feats = feats if feats is not None else self.backbone(images)
-        routing = self.router(feats.cls)
+        available = torch.ones(b, self.router.total, dtype=torch.bool, device=images.device)
+        has_parts = torch.tensor([m is not None and m.shape[0] > 0 for m in masks], device=images.device)
+        available[:, self.router.level_slices["component"]] = has_parts[:, None]
+        routing = self.router(feats.cls, available)
         groups = self.cfg.backbone.fuse_groups
         en_groups = [feats.to_map(feats.fuse(g)) for g in groups]
         fused_all = feats.fuse()

@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .anomalymoe import AnomalyMoE
@@ -63,27 +65,40 @@ def load_artifact(directory: str | Path, device: str | torch.device = "cpu") -> 
     for name in ("model.safetensors", "config.json", "calibration.json"):
         if not (d / name).is_file():
             raise ArtifactError(f"{d} is not a model artifact: {name} is missing")
-    meta = json.loads((d / "config.json").read_text())
+    try:
+        meta = json.loads((d / "config.json").read_text())
+        calibration = Calibration.from_dict(json.loads((d / "calibration.json").read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{d}: config.json or calibration.json is unreadable: {e}") from e
     if meta.get("format") != FORMAT:
         raise ArtifactError(f"{d}: unsupported artifact format {meta.get('format')!r} (expected {FORMAT})")
-    cfg = ModelConfig.from_dict(meta["model"])
+    try:
+        cfg = ModelConfig.from_dict(meta["model"])
+    except (KeyError, ValidationError) as e:
+        raise ArtifactError(f"{d}/config.json holds no valid model config: {e}") from e
     if cfg.config_hash() != meta.get("config_hash"):
         raise ArtifactError(f"{d}/config.json was edited: its hash does not match its contents")
+    with safe_open(str(d / "model.safetensors"), framework="pt") as f:
+        weights_hash = (f.metadata() or {}).get("config_hash")
+    if weights_hash != meta["config_hash"]:
+        raise ArtifactError(f"{d}/model.safetensors was written for config {weights_hash}, "
+                            f"config.json is {meta['config_hash']}: files from different models")
     model = AnomalyMoE(cfg)
     state = load_file(str(d / "model.safetensors"), device="cpu")
     own = model.trainable_state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    wrong = sorted(k for k in set(own) & set(state)
+                   if own[k].shape != state[k].shape or own[k].dtype != state[k].dtype)
     if missing or unexpected or wrong:
         raise ArtifactError(
             f"{d}/model.safetensors does not fit its config: missing keys {missing[:10]}"
             f"{' …' if len(missing) > 10 else ''}, unexpected keys {unexpected[:10]}"
-            f"{' …' if len(unexpected) > 10 else ''}, shape mismatches "
-            f"{[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in wrong[:10]]}"
+            f"{' …' if len(unexpected) > 10 else ''}, shape/dtype mismatches (key, file, model) "
+            f"{[(k, tuple(state[k].shape), str(state[k].dtype), tuple(own[k].shape)) for k in wrong[:10]]}"
         )
     model.load_state_dict(state, strict=False)  # strictness checked above; the backbone comes from its URI
-    model.calibration = Calibration.from_dict(json.loads((d / "calibration.json").read_text()))
+    model.calibration = calibration
     return model.to(device).eval()
 
 

@@ -93,7 +93,11 @@ def _download_s3(uri: str) -> Path:
     if not dest.exists():
         dest.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp:
-            s3.download_fileobj(bucket, key, tmp)
+            try:
+                s3.download_fileobj(bucket, key, tmp)
+            except Exception as e:
+                os.unlink(tmp.name)  # never leave a partial file in the cache
+                raise FileNotFoundError(f"cannot download backbone weights {uri}: {e}") from e
         os.replace(tmp.name, dest)
     return dest
 
@@ -108,14 +112,16 @@ def resolve_weights_file(uri: str) -> Path | None:
         return offline_dinov2_vits14()
     if uri.startswith("s3://"):
         return _download_s3(uri)
-    if uri.endswith(".safetensors") or Path(uri).exists():
-        path = Path(uri).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"backbone weights file not found: {path}")
-        if path.suffix != ".safetensors":
-            raise ValueError(f"backbone weights must be .safetensors (never pickles), got {path}")
-        return path
-    return None  # a timm hub tag
+    path = Path(uri).expanduser()
+    looks_like_path = not uri.startswith("hf-hub:") and (
+        "/" in uri or "\\" in uri or uri.startswith((".", "~")) or path.suffix != "")
+    if not looks_like_path:
+        return None  # a timm hub tag
+    if not path.exists():
+        raise FileNotFoundError(f"backbone weights file not found: {path}")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"backbone weights must be .safetensors (never pickles), got {path}")
+    return path
 
 
 class Backbone(nn.Module):
@@ -143,7 +149,7 @@ class Backbone(nn.Module):
                 )
             else:
                 self._load(cfg.weights)
-        self.vit.eval().requires_grad_(False)
+        self.vit.requires_grad_(False)
         depth = len(self.vit.blocks)
         if max(cfg.target_layers) >= depth:
             raise ValueError(f"target_layers {cfg.target_layers} exceed the backbone's {depth} blocks")
@@ -157,6 +163,7 @@ class Backbone(nn.Module):
         self._indices = sorted(set(cfg.target_layers) | {depth - 1})
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.train(False)
 
     def _load(self, uri: str) -> None:
         path = resolve_weights_file(uri)
@@ -178,10 +185,15 @@ class Backbone(nn.Module):
             # antialias=True moves patch tokens by up to 1.0 at 224 px (measured against the ONNX graph).
             sd["pos_embed"] = resample_abs_pos_embed(pe, new_size=list(self.vit.patch_embed.grid_size),
                                                      num_prefix_tokens=prefix, antialias=False)
-        missing, unexpected = self.vit.load_state_dict(sd, strict=False)
-        if missing or unexpected:
+        own = self.vit.state_dict()
+        missing = sorted(set(own) - set(sd))
+        unexpected = sorted(set(sd) - set(own))
+        wrong = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in sorted(set(own) & set(sd))
+                 if sd[k].shape != own[k].shape]
+        if missing or unexpected or wrong:
             raise ValueError(f"backbone weights {uri} do not fit {self.cfg.name}: missing keys {missing}, "
-                             f"unexpected keys {unexpected}")
+                             f"unexpected keys {unexpected}, shape mismatches (key, file, model) {wrong}")
+        self.vit.load_state_dict(sd, strict=True)
         log.info("backbone %s loaded from %s (sha256 %s)", self.cfg.name, uri, digest[:12])
 
     def train(self, mode: bool = True) -> Backbone:  # always frozen, always eval

@@ -160,7 +160,9 @@ def presets() -> dict[str, ModelConfig]:
         patch=PatchExpertConfig(num=2, decoder_depth=8),
         global_=GlobalExpertConfig(num=2, student_channels=[64, 128], ae_channels=64),
         component=ComponentExpertConfig(num=2),
-        router=RouterConfig(top_k=2),
+        # per-level routing: every image gets a patch and a global expert (and a component expert when it
+        # has part masks), so a short CPU run never ends up with a level-less map.
+        router=RouterConfig(mode="per_level", top_k_per_level=1),
     )
     tiny = ModelConfig(
         backbone=BackboneConfig(

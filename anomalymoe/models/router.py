@@ -42,16 +42,23 @@ class Router(nn.Module):
             self.level_slices[lv] = slice(start, start + num_experts[lv])
             start += num_experts[lv]
 
-    def forward(self, cls: Tensor) -> Routing:
+    def forward(self, cls: Tensor, available: Tensor | None = None) -> Routing:
+        """available [B, E] bool: experts that have an input for that image (component experts need
+        component masks). Unavailable experts are never selected; the reference would route to them
+        anyway and waste the slot (its top-3 may even pick only experts that do nothing)."""
         logits = self.gate(cls)
+        sel = logits if available is None else logits.masked_fill(~available, -torch.inf)
         if self.cfg.mode == "joint":
-            weights, mask = _topk_softmax(logits, self.cfg.top_k)
+            weights, mask = _topk_softmax(sel, self.cfg.top_k)
         else:
             weights, mask = torch.zeros_like(logits), torch.zeros_like(logits, dtype=torch.bool)
             for s in self.level_slices.values():
                 if s.stop > s.start:
                     k = min(self.cfg.top_k_per_level, s.stop - s.start)
-                    weights[:, s], mask[:, s] = _topk_softmax(logits[:, s], k)
+                    weights[:, s], mask[:, s] = _topk_softmax(sel[:, s], k)
+        if available is not None:
+            mask = mask & available
+            weights = torch.where(mask, weights, torch.zeros_like(weights))  # also clears NaN of empty levels
         return Routing(logits, weights, mask, self.level_slices)
 
 

@@ -106,7 +106,7 @@ class Trainer:
         r = out.routing
         usage = r.mask.float().mean(0)
         return {
-            **{k: float(v) for k, v in losses.items()},
+            **{k: float(v.detach()) for k, v in losses.items()},
             "estimator_nll": est, "grad_norm": float(grad_norm), "lr": lr,
             "time_forward": t1 - t0, "time_backward": t2 - t1, "time_optimizer": t3 - t2,
             **{f"use_{lv}": float(usage[s].sum()) for lv, s in r.level_slices.items()},
@@ -137,3 +137,29 @@ def fit(model: AnomalyMoE, batches: Callable[[], Iterator[tuple[Tensor, list | N
                             img_s=f"{ips:.1f}")
     bar.close()
     return history
+
+
+def train_and_calibrate(model: AnomalyMoE, train_samples: list, cfg: TrainConfig, *, holdout: float = 0.2,
+                        progress: bool = True) -> tuple[list[dict[str, float]], list]:
+    """Fit on the normal training images minus a held-out share per category, then fit the calibration on
+    that held-out share (normal images never seen in training, never the test split).
+    Returns (loss history, held-out samples)."""
+    from .datasets import batches, split_holdout  # local: keeps the step importable without PIL
+
+    img_size = model.cfg.backbone.img_size
+    train, held = split_holdout(train_samples, holdout, seed=cfg.seed)
+    if not train:
+        raise ValueError("no training images left after the calibration hold-out")
+    cache: dict = {}
+    epoch = [0]
+
+    def epoch_batches():
+        epoch[0] += 1
+        bs = min(cfg.batch_size, len(train))
+        for b in batches(train, img_size, bs, shuffle=True, seed=cfg.seed + epoch[0], drop_last=True, cache=cache):
+            yield b.images, None
+
+    history = fit(model, epoch_batches, cfg, progress=progress)
+    if held:
+        model.fit_calibration((b.images, None, b.categories) for b in batches(held, img_size, cfg.batch_size))
+    return history, held

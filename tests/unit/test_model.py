@@ -251,3 +251,13 @@ def test_fusion_rules(model):
         maps[rule] = model.predict(images, masks).anomaly_map
     assert not torch.allclose(maps["mean"], maps["max"])
     assert (maps["max"] >= maps["mean"] - 1e-5).all()  # smoothing is linear and positive: max >= mean
+
+
+def test_router_never_picks_experts_without_input(model):
+    images, _ = _batch()
+    with torch.no_grad():
+        out = model.eval()(images, None)  # no component masks at all
+    _, comp_mask = out.routing.level("component")
+    assert not comp_mask.any()
+    assert (out.routing.mask.sum(1) == model.cfg.router.top_k).all()  # the slots went to usable experts
+    assert torch.allclose(out.routing.weights.sum(1), torch.ones(images.shape[0]))
