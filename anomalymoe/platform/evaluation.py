@@ -19,6 +19,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from ..models.anomalymoe import AnomalyMoE  # noqa: E402
 from ..models.config import LEVELS  # noqa: E402
+from ..models.scoring import LevelNorm  # noqa: E402
 from .datasets import Sample, batches  # noqa: E402
 from .metrics import AnomalyMetrics  # noqa: E402
 
@@ -34,17 +35,25 @@ def _mean(reports: list[dict]) -> dict:
 
 
 def save_panel(path: Path, image: torch.Tensor, gt: torch.Tensor, amap: torch.Tensor, title: str,
-               vmax: float = 2.0) -> None:
-    """image [3,S,S] in [0,1], gt [S,S] bool, amap [S,S] in calibrated units (1 = the normal q_high)."""
+               levels: dict[str, torch.Tensor] | None = None) -> None:
+    """image | ground truth | fused map overlay | one column per level the router used.
+    Maps are in calibrated units (1 = the 99.5% quantile of normal pixels); the colour scale runs from 0 to
+    max(1, the image's own maximum) so a normal image stays dark and an anomaly's peak is visible."""
     img = image.permute(1, 2, 0).numpy()
-    fig, axes = plt.subplots(1, 3, figsize=(9, 3.4), dpi=90)
+    levels = levels or {}
+    cols = 3 + len(levels)
+    fig, axes = plt.subplots(1, cols, figsize=(3 * cols, 3.4), dpi=90)
     axes[0].imshow(img)
     axes[0].set_title("image")
     axes[1].imshow(gt.numpy(), cmap="gray", vmin=0, vmax=1)
     axes[1].set_title("ground truth")
+    vmax = max(1.0, float(amap.max()))
     axes[2].imshow(img)
     im = axes[2].imshow(amap.numpy(), cmap="jet", alpha=0.5, vmin=0.0, vmax=vmax)
-    axes[2].set_title("anomaly map")
+    axes[2].set_title("anomaly map (fused)")
+    for ax, (name, m) in zip(axes[3:], levels.items(), strict=True):
+        ax.imshow(m.numpy(), cmap="jet", vmin=0.0, vmax=max(1.0, float(m.max())))
+        ax.set_title(f"{name} level")
     for a in axes:
         a.axis("off")
     fig.colorbar(im, ax=axes[2], fraction=0.046, pad=0.04)
@@ -57,14 +66,14 @@ def save_panel(path: Path, image: torch.Tensor, gt: torch.Tensor, amap: torch.Te
 
 @torch.no_grad()
 def evaluate(model: AnomalyMoE, samples: Sequence[Sample], *, batch_size: int = 8, out_dir: str | Path | None = None,
-             panels_per_category: int = 4, progress: bool = True) -> dict:
+             panels_per_category: int = 6, progress: bool = True) -> dict:
     """Metrics per category and their mean. Never fits anything on the test samples: the model's
     calibration (from normal validation images) is used as is."""
     img_size = model.cfg.backbone.img_size
     out = Path(out_dir) if out_dir else None
     acc: dict[str, AnomalyMetrics] = {}
     rows = []
-    panels_left: dict[str, dict[int, int]] = {}
+    panels_shown: dict[str, set[str]] = {}
     routing_hist: dict[str, np.ndarray] = {}
     bar = tqdm(total=len(samples), desc="evaluate", disable=not progress, dynamic_ncols=True)
     for batch in batches(samples, img_size, batch_size):
@@ -88,15 +97,18 @@ def evaluate(model: AnomalyMoE, samples: Sequence[Sample], *, batch_size: int = 
             })
             if out is None:
                 continue
-            left = panels_left.setdefault(s.category, {0: 1, 1: max(0, panels_per_category - 1)})
-            if left[s.label] > 0:
-                left[s.label] -= 1
+            # one panel per defect type (and one normal image) per category, up to panels_per_category
+            shown = panels_shown.setdefault(s.category, set())
+            if s.defect not in shown and len(shown) < panels_per_category:
+                shown.add(s.defect)
+                lv_maps = {lv: model.calibration.levels.get(lv, LevelNorm()).apply(pred.level_maps[lv][i])
+                           for j, lv in enumerate(LEVELS) if pred.present[i, j]}
                 thr = float(pred.threshold[i])
                 verdict = "ANOMALY" if pred.is_anomaly[i] else "normal"
                 title = (f"{s.category}/{s.defect}/{s.path.name}  score {float(pred.score[i]):.4f} "
                          f"(normalized {float(pred.normalized_score[i]):.2f}, threshold {thr:.4f}) -> {verdict}")
                 save_panel(out / "panels" / s.category / f"{s.defect}_{s.path.stem}.png", batch.images[i],
-                           batch.gt[i], maps[i], title)
+                           batch.gt[i], maps[i], title, lv_maps)
         bar.update(len(batch.samples))
     bar.close()
     cats = {c: acc[c].compute() for c in sorted(acc)}

@@ -261,3 +261,12 @@ def test_router_never_picks_experts_without_input(model):
     assert not comp_mask.any()
     assert (out.routing.mask.sum(1) == model.cfg.router.top_k).all()  # the slots went to usable experts
     assert torch.allclose(out.routing.weights.sum(1), torch.ones(images.shape[0]))
+
+
+def test_hard_mining_p_warmup():
+    from anomalymoe.models.losses import hard_mining_p
+
+    assert hard_mining_p(0, 0.9, 0) == 0.9  # reference: fixed p
+    assert hard_mining_p(0, 0.9, 1000) == 0.0  # Dinomaly: ramp from 0
+    assert hard_mining_p(500, 0.9, 1000) == pytest.approx(0.45)
+    assert hard_mining_p(5000, 0.9, 1000) == 0.9

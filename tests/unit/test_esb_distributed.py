@@ -1,0 +1,53 @@
+"""ESB statistics are averaged over ranks (2 real gloo processes), and the load term keeps its gradient."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from anomalymoe.models.losses import esb_loss
+
+pytestmark = pytest.mark.unit
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, logits_all: torch.Tensor, masks_all: torch.Tensor, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        logits = logits_all[rank].clone().requires_grad_(True)
+        res = esb_loss(logits, masks_all[rank], 1.0, 1.0, 0.0)
+        res["esb"].backward()
+        out[rank] = (float(res["esb_load"]), float(res["esb_importance"]), float(logits.grad.abs().sum()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_esb_statistics_are_global_across_ranks():
+    torch.manual_seed(0)
+    world, b, e = 2, 4, 6
+    logits = torch.randn(world, b, e)
+    # rank 0 routes everything to expert 0, rank 1 to expert 1: per rank very unbalanced, globally less so
+    masks = torch.zeros(world, b, e, dtype=torch.bool)
+    masks[0, :, 0] = True
+    masks[1, :, 1] = True
+    out = mp.Manager().dict()
+    mp.spawn(_worker, args=(world, _free_port(), logits, masks, out), nprocs=world, join=True)
+
+    flat_logits, flat_masks = logits.reshape(-1, e), masks.reshape(-1, e)
+    expected = esb_loss(flat_logits, flat_masks, 1.0, 1.0, 0.0)  # one process seeing the global batch
+    for rank in range(world):
+        load, importance, grad = out[rank]
+        assert load == pytest.approx(float(expected["esb_load"]), rel=1e-5)
+        assert importance == pytest.approx(float(expected["esb_importance"]), rel=1e-5)
+        assert grad > 0
+    per_rank = esb_loss(logits[0], masks[0], 1.0, 1.0, 0.0)
+    assert abs(float(per_rank["esb_load"]) - float(expected["esb_load"])) > 1e-3  # the all-reduce mattered

@@ -1,0 +1,49 @@
+"""The entry scripts run as a user runs them (subprocess, from the repo root), on the tiny config."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "jobs").glob("*.py")))
+def test_help(script):
+    r = run(f"jobs/{script}", "--help")
+    assert r.returncode == 0, r.stderr
+    assert "usage" in r.stdout
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    r = run("jobs/demo.py", "--out", str(tmp_path), "--preset", "test-tiny", "--steps", "2", "--batch-size", "4")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "image_auroc" in r.stdout and "Anomaly-map panels" in r.stdout
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert set(report["categories"]) == {"brick", "grass", "gravel"}
+    assert 0.0 <= report["mean"]["pixel_auroc"] <= 1.0
+    panels = list((tmp_path / "eval" / "panels").glob("*/*.png"))
+    assert len(panels) >= 3 and all(p.stat().st_size > 1000 for p in panels)
+    for name in ("model.safetensors", "config.json", "calibration.json", "metrics.json"):
+        assert (tmp_path / "model" / name).is_file()
+    # a second run reuses the generated data
+    r2 = run("jobs/demo.py", "--out", str(tmp_path), "--preset", "test-tiny", "--steps", "1", "--batch-size", "4")
+    assert r2.returncode == 0 and "(reused)" in r2.stdout
+
+
+def test_benchmark_model_json_contract():
+    r = run("jobs/benchmark.py", "model", "--preset", "test-tiny", "--reps", "1", "--train-reps", "1", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("config", "params", "sparse_img_per_s", "dense_img_per_s", "sparse_over_dense",
+                "train_step_sparse_s", "train_step_dense_s", "max_abs_diff", "peak_rss_mb"):
+        assert key in res, key
+    assert res["max_abs_diff"] < 1e-5
+    assert res["sparse_img_per_s"] > 0 and res["dense_img_per_s"] > 0
