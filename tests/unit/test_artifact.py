@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from anomalymoe.models.anomalymoe import AnomalyMoE
 from anomalymoe.models.artifact import FORMAT, ArtifactError, load_artifact, read_metrics, save_artifact
-from anomalymoe.models.backbone import Backbone, sha256_file
+from anomalymoe.models.backbone import Backbone, tensors_sha256
 from anomalymoe.models.config import ModelConfig, presets
 from anomalymoe.models.scoring import Calibration
 
@@ -245,7 +245,7 @@ def test_backbone_with_other_weights_is_refused(tmp_path):
     cfg = base.model_copy(deep=True)
     cfg.backbone.weights = str(weights)
     model = _model(cfg)
-    digest = sha256_file(weights)
+    digest = tensors_sha256(load_file(str(weights)))
     assert model.cfg.backbone.weights_sha256 == digest
     d = save_artifact(model, tmp_path / "art")
     meta = json.loads((d / "config.json").read_text())
@@ -262,6 +262,6 @@ def test_backbone_with_other_weights_is_refused(tmp_path):
     # different values in the same file: refused
     other = {k: v + 0.01 if v.is_floating_point() else v for k, v in vit_sd.items()}
     save_file(other, str(weights))
-    assert sha256_file(weights) != digest
+    assert tensors_sha256(load_file(str(weights))) != digest
     with pytest.raises(ValueError, match="sha256"):
         load_artifact(d)

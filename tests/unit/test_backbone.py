@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from anomalymoe.models.backbone import Backbone, BackboneFeatures, resolve_weights_file, sha256_file
+from anomalymoe.models.backbone import Backbone, BackboneFeatures, resolve_weights_file, tensors_sha256
 from anomalymoe.models.config import BackboneConfig
 
 pytestmark = pytest.mark.unit
@@ -170,7 +169,7 @@ def test_local_safetensors_load_strictly(tmp_path):
     bb = Backbone(cfg)
     _assert_params_equal(bb.vit, sd)
     assert not torch.equal(bb.vit.blocks[0].attn.qkv.weight, Backbone(_tiny()).vit.blocks[0].attn.qkv.weight)
-    assert cfg.weights_sha256 == hashlib.sha256(path.read_bytes()).hexdigest() == sha256_file(path)
+    assert cfg.weights_sha256 == tensors_sha256(load_file(str(path)))
     assert resolve_weights_file(str(path)) == path
     # the recorded hash is checked on the next build
     assert Backbone(cfg).cfg.weights_sha256 == cfg.weights_sha256
@@ -295,7 +294,7 @@ def test_s3_weights_match_local_file_and_are_cached(s3, tmp_path, monkeypatch):
     assert calls == [("weights", "models/vit.safetensors")]
     _assert_params_equal(from_s3.vit, sd)
     _assert_params_equal(from_s3.vit, from_file.vit.state_dict())
-    assert from_s3.cfg.weights_sha256 == sha256_file(local)
+    assert from_s3.cfg.weights_sha256 == tensors_sha256(load_file(str(local)))
 
     cached = list((tmp_path / "cache" / "s3").rglob("vit.safetensors"))
     assert len(cached) == 1 and cached[0].read_bytes() == local.read_bytes()
@@ -351,9 +350,20 @@ def test_offline_dinov2_small_features():
         warnings.simplefilter("error", UserWarning)  # real weights: no RANDOM warning
         bb = Backbone(cfg)
     assert len(cfg.target_layers) == 8
-    assert cfg.weights_sha256 == sha256_file(resolve_weights_file(ow.OFFLINE_DINOV2_S))
+    assert cfg.weights_sha256 == tensors_sha256(load_file(str(resolve_weights_file(ow.OFFLINE_DINOV2_S))))
     feats = bb(_images(2, 224))
     assert len(feats.layers) == 8 and feats.grid == (16, 16)
     for t in feats.layers:
         assert t.shape == (2, 1 + 256, 384) and torch.isfinite(t).all()
     assert feats.cls.shape == (2, 384)
+
+
+def test_weights_hash_is_of_the_tensors_not_the_file(tmp_path):
+    """The same tensors written with different metadata (safetensors orders its header freely) hash alike."""
+    sd = Backbone(_tiny(seed=3)).vit.state_dict()
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file(sd, str(a), metadata={"x": "1", "y": "2"})
+    save_file(sd, str(b), metadata={"source": "elsewhere"})
+    assert a.read_bytes() != b.read_bytes()
+    ha = Backbone(_tiny(weights=str(a))).cfg.weights_sha256
+    assert ha == Backbone(_tiny(weights=str(b), weights_sha256=ha)).cfg.weights_sha256
