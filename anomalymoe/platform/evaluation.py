@@ -1,12 +1,12 @@
-"""Score a test split, accumulate metrics per category (streaming), and write what a person looks at:
-a metrics table, anomaly-map panels (image | ground truth | map overlay) and a score CSV."""
+"""Judge a model on a test manifest: metrics per domain, category, defect type and defect group (streaming,
+memory bounded), plus what a person looks at: a Markdown table, anomaly-map panels, score histograms and the
+routing histogram. Nothing is fitted on the test rows: the model's calibration comes from normal images."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -14,16 +14,24 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from ..models.anomalymoe import AnomalyMoE  # noqa: E402
 from ..models.config import LEVELS  # noqa: E402
 from ..models.scoring import LevelNorm  # noqa: E402
-from .datasets import Sample, batches  # noqa: E402
+from . import storage  # noqa: E402
 from .metrics import AnomalyMetrics  # noqa: E402
+from .pipeline import decode_label_map, load_rows  # noqa: E402
 
-METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "image_f1_max", "pixel_f1_max")
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "f1_max", "pixel_f1_max")
+
+
+def _finish(m: AnomalyMetrics) -> dict:
+    r = m.compute()
+    r["f1_max"] = r.pop("image_f1_max")  # the detection decision's F1-max; pixel_f1_max stays separate
+    return r
 
 
 def _mean(reports: list[dict]) -> dict:
@@ -47,9 +55,8 @@ def save_panel(path: Path, image: torch.Tensor, gt: torch.Tensor, amap: torch.Te
     axes[0].set_title("image")
     axes[1].imshow(gt.numpy(), cmap="gray", vmin=0, vmax=1)
     axes[1].set_title("ground truth")
-    vmax = max(1.0, float(amap.max()))
     axes[2].imshow(img)
-    im = axes[2].imshow(amap.numpy(), cmap="jet", alpha=0.5, vmin=0.0, vmax=vmax)
+    im = axes[2].imshow(amap.numpy(), cmap="jet", alpha=0.5, vmin=0.0, vmax=max(1.0, float(amap.max())))
     axes[2].set_title("anomaly map (fused)")
     for ax, (name, m) in zip(axes[3:], levels.items(), strict=True):
         ax.imshow(m.numpy(), cmap="jet", vmin=0.0, vmax=max(1.0, float(m.max())))
@@ -64,68 +71,180 @@ def save_panel(path: Path, image: torch.Tensor, gt: torch.Tensor, amap: torch.Te
     plt.close(fig)
 
 
+def _gt_masks(rows: pd.DataFrame, size: int) -> torch.Tensor:
+    out = []
+    for uri in rows["mask_uri"]:
+        if isinstance(uri, str) and uri:
+            out.append(torch.from_numpy(decode_label_map(storage.read_bytes(uri), size) > 0))
+        else:
+            out.append(torch.zeros(size, size, dtype=torch.bool))
+    return torch.stack(out)
+
+
+class _Accumulators:
+    """Per category: all test rows; per defect type and per defect group: that type's rows + the category's
+    normal rows (so each type's AUROC is 'this defect vs normal')."""
+
+    def __init__(self):
+        self.cat: dict[str, AnomalyMetrics] = {}
+        self.defect: dict[tuple[str, str], AnomalyMetrics] = {}
+        self.group: dict[tuple[str, str], AnomalyMetrics] = {}
+        self.defects_of: dict[str, set[str]] = {}
+        self.groups_of: dict[str, set[str]] = {}
+
+    def register(self, df: pd.DataFrame) -> None:
+        for key, sub in df.groupby("cat_key"):
+            bad = sub[sub["label"] == 1]
+            self.defects_of[key] = set(bad["defect"])
+            self.groups_of[key] = {g for g in bad["defect_group"] if isinstance(g, str) and g}
+
+    def update(self, key: str, label: int, defect: str, group: str | None, score, lab, amap, gt) -> None:
+        self.cat.setdefault(key, AnomalyMetrics()).update(score, lab, amap, gt)
+        targets_d = self.defects_of.get(key, set()) if label == 0 else {defect}
+        for d in targets_d:
+            self.defect.setdefault((key, d), AnomalyMetrics()).update(score, lab, amap, gt)
+        targets_g = self.groups_of.get(key, set()) if label == 0 else ({group} if group else set())
+        for g in targets_g:
+            self.group.setdefault((key, g), AnomalyMetrics()).update(score, lab, amap, gt)
+
+
 @torch.no_grad()
-def evaluate(model: AnomalyMoE, samples: Sequence[Sample], *, batch_size: int = 8, out_dir: str | Path | None = None,
-             panels_per_category: int = 6, progress: bool = True) -> dict:
-    """Metrics per category and their mean. Never fits anything on the test samples: the model's
-    calibration (from normal validation images) is used as is."""
+def evaluate(model: AnomalyMoE, manifest: pd.DataFrame, *, batch_size: int = 8, out_dir: str | Path | None = None,
+             panels_per_category: int = 6, kept: dict[str, list[int]] | None = None, progress: bool = True) -> dict:
+    """Metrics per category (key "domain/category"), defect type and group, and means per domain and overall.
+    `manifest` holds the test rows (uri, domain, category, label, defect, defect_group, mask_uri,
+    component_mask_uri); `kept` maps "domain/category" to its kept component clusters."""
     img_size = model.cfg.backbone.img_size
     out = Path(out_dir) if out_dir else None
-    acc: dict[str, AnomalyMetrics] = {}
-    rows = []
-    panels_shown: dict[str, set[str]] = {}
+    df = manifest.reset_index(drop=True).copy()
+    if "defect_group" not in df:
+        df["defect_group"] = None
+    df["cat_key"] = df["domain"] + "/" + df["category"]
+    acc = _Accumulators()
+    acc.register(df)
+    rows, panels_shown = [], {}
     routing_hist: dict[str, np.ndarray] = {}
-    bar = tqdm(total=len(samples), desc="evaluate", disable=not progress, dynamic_ncols=True)
-    for batch in batches(samples, img_size, batch_size):
-        pred = model.predict(batch.images, None, batch.categories)
+    bar = tqdm(total=len(df), desc="evaluate", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(df), batch_size):
+        chunk = df.iloc[start : start + batch_size]
+        images, masks = load_rows(chunk, img_size, kept)
+        gt = _gt_masks(chunk, img_size)
+        cats = chunk["category"].tolist()
+        pred = model.predict(images, masks, cats)
         maps = pred.anomaly_map
         if maps.shape[-1] != img_size:
             maps = torch.nn.functional.interpolate(maps[:, None], size=(img_size,) * 2, mode="bilinear")[:, 0]
-        for cat in set(batch.categories):
-            rows_c = [i for i, c in enumerate(batch.categories) if c == cat]
-            acc.setdefault(cat, AnomalyMetrics()).update(
-                pred.score[rows_c], batch.labels[rows_c], maps[rows_c], batch.gt[rows_c])
-        mask = pred.routing.mask.cpu().numpy()
-        for i, s in enumerate(batch.samples):
-            routing_hist.setdefault(s.category, np.zeros(mask.shape[1], dtype=np.int64))
-            routing_hist[s.category] += mask[i]
+        sel = pred.routing.mask.cpu().numpy()
+        for i, r in enumerate(chunk.itertuples(index=False)):
+            group = r.defect_group if isinstance(r.defect_group, str) and r.defect_group else None
+            acc.update(r.cat_key, int(r.label), r.defect, group, pred.score[i : i + 1],
+                       torch.tensor([int(r.label)]), maps[i : i + 1], gt[i : i + 1])
+            routing_hist.setdefault(r.domain, np.zeros(sel.shape[1], dtype=np.int64))
+            routing_hist[r.domain] += sel[i]
             rows.append({
-                "path": str(s.path), "category": s.category, "defect": s.defect, "label": s.label,
-                "score": float(pred.score[i]), "normalized_score": float(pred.normalized_score[i]),
+                "uri": r.uri, "domain": r.domain, "category": r.category, "defect": r.defect,
+                "defect_group": group or "", "label": int(r.label), "score": float(pred.score[i]),
+                "normalized_score": float(pred.normalized_score[i]), "threshold": float(pred.threshold[i]),
                 "is_anomaly": bool(pred.is_anomaly[i]),
                 **{f"level_{lv}": float(pred.level_scores[i, j]) for j, lv in enumerate(LEVELS)},
+                "experts": ",".join(str(e) for e in np.flatnonzero(sel[i])),
             })
-            if out is None:
-                continue
-            # one panel per defect type (and one normal image) per category, up to panels_per_category
-            shown = panels_shown.setdefault(s.category, set())
-            if s.defect not in shown and len(shown) < panels_per_category:
-                shown.add(s.defect)
+            shown = panels_shown.setdefault(r.cat_key, set())
+            if out is not None and r.defect not in shown and len(shown) < panels_per_category:
+                shown.add(r.defect)
                 lv_maps = {lv: model.calibration.levels.get(lv, LevelNorm()).apply(pred.level_maps[lv][i])
                            for j, lv in enumerate(LEVELS) if pred.present[i, j]}
-                thr = float(pred.threshold[i])
                 verdict = "ANOMALY" if pred.is_anomaly[i] else "normal"
-                title = (f"{s.category}/{s.defect}/{s.path.name}  score {float(pred.score[i]):.4f} "
-                         f"(normalized {float(pred.normalized_score[i]):.2f}, threshold {thr:.4f}) -> {verdict}")
-                save_panel(out / "panels" / s.category / f"{s.defect}_{s.path.stem}.png", batch.images[i],
-                           batch.gt[i], maps[i], title, lv_maps)
-        bar.update(len(batch.samples))
+                title = (f"{r.cat_key}/{r.defect}/{Path(r.uri).name}  score {float(pred.score[i]):.4f} "
+                         f"(normalized {float(pred.normalized_score[i]):.2f}, threshold "
+                         f"{float(pred.threshold[i]):.4f}) -> {verdict}")
+                save_panel(out / "panels" / r.domain / r.category / f"{r.defect}_{Path(r.uri).stem}.png",
+                           images[i], gt[i], maps[i], title, lv_maps)
+        bar.update(len(chunk))
     bar.close()
-    cats = {c: acc[c].compute() for c in sorted(acc)}
-    report = {"mean": _mean(list(cats.values())), "categories": cats,
-              "routing": {c: h.tolist() for c, h in sorted(routing_hist.items())},
-              "num_images": len(samples)}
+    report = build_report(acc, routing_hist, model, len(df))
     if out is not None:
         write_report(out, report, rows)
     return report
 
 
+def build_report(acc: _Accumulators, routing_hist: dict, model: AnomalyMoE, n: int) -> dict:
+    cats: dict[str, dict] = {}
+    for key in sorted(acc.cat):
+        c = _finish(acc.cat[key])
+        c["defects"] = {d: _finish(m) for (k, d), m in sorted(acc.defect.items()) if k == key}
+        c["groups"] = {g: _finish(m) for (k, g), m in sorted(acc.group.items()) if k == key}
+        cats[key] = c
+    domains = {}
+    for dom in sorted({k.split("/", 1)[0] for k in cats}):
+        mine = [v for k, v in cats.items() if k.split("/", 1)[0] == dom]
+        groups = sorted({g for v in mine for g in v["groups"]})
+        domains[dom] = {**_mean(mine), "groups": {g: _mean([v["groups"][g] for v in mine if g in v["groups"]])
+                                                  for g in groups}}
+    sl = model.router.level_slices
+    names = [f"{lv}{j}" for lv in LEVELS for j in range(sl[lv].stop - sl[lv].start)]
+    return {"mean": _mean(list(cats.values())), "domains": domains, "categories": cats,
+            "routing": {"experts": names, "counts": {d: h.tolist() for d, h in sorted(routing_hist.items())}},
+            "num_images": n}
+
+
 def metrics_table(report: dict) -> str:
-    head = "| category | " + " | ".join(METRIC_KEYS) + " |\n|---|" + "---:|" * len(METRIC_KEYS) + "\n"
+    keys = METRIC_KEYS
+    head = "| | " + " | ".join(keys) + " |\n|---|" + "---:|" * len(keys) + "\n"
     lines = []
-    for name, r in [*report["categories"].items(), ("**mean**", report["mean"])]:
-        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in METRIC_KEYS) + " |")
+
+    def row(name: str, r: dict) -> str:
+        return f"| {name} | " + " | ".join(f"{r[k]:.3f}" if not math.isnan(r[k]) else "–" for k in keys) + " |"
+
+    for key, r in report["categories"].items():
+        lines.append(row(key, r))
+        for g, rg in r.get("groups", {}).items():
+            lines.append(row(f"&nbsp;&nbsp;{key} · {g}", rg))
+    for dom, r in report["domains"].items():
+        lines.append(row(f"**{dom}** (mean)", r))
+        for g, rg in r.get("groups", {}).items():
+            lines.append(row(f"**{dom}** · {g}", rg))
+    lines.append(row("**all** (mean)", report["mean"]))
     return head + "\n".join(lines) + "\n"
+
+
+def _histograms(out: Path, rows: list[dict]) -> None:
+    df = pd.DataFrame(rows)
+    for (dom, cat), sub in df.groupby(["domain", "category"]):
+        fig, ax = plt.subplots(figsize=(6, 3.2), dpi=90)
+        bins = np.linspace(sub["score"].min(), sub["score"].max() + 1e-9, 30)
+        ax.hist(sub.loc[sub.label == 0, "score"], bins=bins, alpha=0.6, label="normal")
+        for g, sg in sub[sub.label == 1].groupby(sub.loc[sub.label == 1, "defect_group"].replace("", "anomalous")):
+            ax.hist(sg["score"], bins=bins, alpha=0.5, label=g)
+        thr = sub["threshold"].iloc[0]
+        if not math.isnan(thr):
+            ax.axvline(thr, color="k", ls="--", label="threshold")
+        ax.set_title(f"{dom}/{cat}: image scores")
+        ax.set_xlabel("score")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        (out / "histograms").mkdir(parents=True, exist_ok=True)
+        fig.savefig(out / "histograms" / f"{dom}_{cat}.png")
+        plt.close(fig)
+
+
+def _routing_plot(out: Path, routing: dict) -> None:
+    names, counts = routing["experts"], routing["counts"]
+    if not counts:
+        return
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names)), 3.2), dpi=90)
+    width = 0.8 / len(counts)
+    x = np.arange(len(names))
+    for i, (dom, c) in enumerate(counts.items()):
+        c = np.asarray(c, dtype=float)
+        ax.bar(x + i * width, c / max(c.sum(), 1), width, label=dom)
+    ax.set_xticks(x + 0.4 - width / 2, names, rotation=60, fontsize=7)
+    ax.set_ylabel("share of selections")
+    ax.set_title("which experts each domain uses")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "routing.png")
+    plt.close(fig)
 
 
 def write_report(out: Path, report: dict, rows: list[dict]) -> None:
@@ -137,3 +256,5 @@ def write_report(out: Path, report: dict, rows: list[dict]) -> None:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
+        _histograms(out, rows)
+    _routing_plot(out, report["routing"])

@@ -139,27 +139,27 @@ def fit(model: AnomalyMoE, batches: Callable[[], Iterator[tuple[Tensor, list | N
     return history
 
 
-def train_and_calibrate(model: AnomalyMoE, train_samples: list, cfg: TrainConfig, *, holdout: float = 0.2,
-                        progress: bool = True) -> tuple[list[dict[str, float]], list]:
-    """Fit on the normal training images minus a held-out share per category, then fit the calibration on
-    that held-out share (normal images never seen in training, never the test split).
-    Returns (loss history, held-out samples)."""
-    from .datasets import batches, split_holdout  # local: keeps the step importable without PIL
+def train_and_calibrate(model: AnomalyMoE, train_rows, cfg: TrainConfig, *, holdout: float = 0.2,
+                        alpha: float = 0.0, kept: dict[str, list[int]] | None = None, progress: bool = True):
+    """Fit on the normal training rows of a manifest minus a held-out share per category, then fit the
+    calibration on that share (normal images never seen in training, never the test split).
+    Returns (loss history, held-out rows)."""
+    from .pipeline import holdout_split, load_rows, local_epochs  # local: keeps the step importable alone
 
     img_size = model.cfg.backbone.img_size
-    train, held = split_holdout(train_samples, holdout, seed=cfg.seed)
-    if not train:
+    normal = train_rows[(train_rows["split"] == "train") & (train_rows["label"] == 0)]
+    train, held = holdout_split(normal, holdout, seed=cfg.seed)
+    if train.empty:
         raise ValueError("no training images left after the calibration hold-out")
-    cache: dict = {}
-    epoch = [0]
+    bs = min(cfg.batch_size, len(train))
+    epochs = local_epochs(train, img_size, bs, seed=cfg.seed, alpha=alpha, kept=kept)
+    history = fit(model, lambda: next(epochs), cfg, progress=progress)
+    if not held.empty:
+        def held_batches():
+            for start in range(0, len(held), cfg.batch_size):
+                chunk = held.iloc[start : start + cfg.batch_size]
+                images, masks = load_rows(chunk, img_size, kept)
+                yield images, masks, chunk["category"].tolist()
 
-    def epoch_batches():
-        epoch[0] += 1
-        bs = min(cfg.batch_size, len(train))
-        for b in batches(train, img_size, bs, shuffle=True, seed=cfg.seed + epoch[0], drop_last=True, cache=cache):
-            yield b.images, None
-
-    history = fit(model, epoch_batches, cfg, progress=progress)
-    if held:
-        model.fit_calibration((b.images, None, b.categories) for b in batches(held, img_size, cfg.batch_size))
+        model.fit_calibration(held_batches())
     return history, held

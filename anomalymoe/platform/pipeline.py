@@ -1,0 +1,131 @@
+"""Input pipeline from manifests: which rows an epoch sees (balanced, seeded), and decoding them, either
+in-process or streamed through Ray Data (reads from S3 or local paths through `storage`).
+
+Balance: the reference concatenates 46 classes of very different sizes and never reshuffles per epoch
+(METHOD.md §5 #15). Here every epoch draws a fixed number of rows with category probabilities
+proportional to n_c ** alpha (alpha = 0: categories equally likely; 1: proportional to size), from a
+generator seeded by (seed, epoch): the same epoch is the same list of rows on every machine and rank."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch import Tensor
+
+from . import storage
+
+TRAIN_COLUMNS = ("uri", "domain", "category", "component_mask_uri")
+
+
+def epoch_indices(df: pd.DataFrame, epoch: int, *, seed: int = 0, alpha: float = 0.0, size: int | None = None,
+                  group_by: tuple[str, ...] = ("domain", "category")) -> np.ndarray:
+    """Row positions of one epoch: `size` draws (default len(df)), category-balanced, seeded by (seed, epoch).
+    Within a category rows are drawn without replacement as long as possible (a reshuffled cycle)."""
+    if df.empty:
+        raise ValueError("cannot sample from an empty manifest")
+    rng = np.random.default_rng([seed, epoch])
+    groups = [np.asarray(idx) for _, idx in sorted(df.groupby(list(group_by)).indices.items())]
+    sizes = np.array([len(g) for g in groups], dtype=np.float64)
+    probs = sizes**alpha
+    probs /= probs.sum()
+    size = len(df) if size is None else size
+    counts = rng.multinomial(size, probs)
+    picks = []
+    for g, n in zip(groups, counts, strict=True):
+        reps = int(np.ceil(n / len(g))) if n else 0
+        cycle = np.concatenate([rng.permutation(g) for _ in range(reps)]) if reps else np.empty(0, dtype=np.int64)
+        picks.append(cycle[:n])
+    out = np.concatenate(picks)
+    return out[rng.permutation(len(out))]
+
+
+def holdout_split(df: pd.DataFrame, fraction: float, seed: int = 0,
+                  group_by: tuple[str, ...] = ("domain", "category")) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Hold out a seeded share of each category's rows (at least one where the category has two or more)."""
+    train, held = [], []
+    for _, sub in sorted(df.groupby(list(group_by)), key=lambda kv: kv[0]):
+        sub = sub.sort_values("uri")
+        n_held = max(1, round(len(sub) * fraction)) if len(sub) > 1 and fraction > 0 else 0
+        perm = np.random.default_rng(seed).permutation(len(sub))
+        held.append(sub.iloc[np.sort(perm[:n_held])])
+        train.append(sub.iloc[np.sort(perm[n_held:])])
+    return pd.concat(train), pd.concat(held)
+
+
+def decode_image(data: bytes, size: int) -> Tensor:
+    """Encoded bytes -> [3, size, size] float in [0, 1] (the same transform as datasets.load_image)."""
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("RGB").resize((size, size), Image.BILINEAR)
+        return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+def decode_label_map(data: bytes, size: int) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.resize((size, size), Image.NEAREST))
+
+
+def load_rows(rows: pd.DataFrame, img_size: int, kept: dict[str, list[int]] | None = None
+              ) -> tuple[Tensor, list[Tensor | None]]:
+    """Decode a batch of manifest rows: images and, where the row has a component label map and its
+    category a kept-cluster list, the component masks."""
+    from .segmentation import component_masks
+
+    images, masks = [], []
+    for r in rows.itertuples(index=False):
+        images.append(decode_image(storage.read_bytes(r.uri), img_size))
+        cm = getattr(r, "component_mask_uri", None)
+        key = f"{r.domain}/{r.category}"
+        if cm and isinstance(cm, str) and kept and key in kept:
+            masks.append(component_masks(decode_label_map(storage.read_bytes(cm), img_size), kept[key]))
+        else:
+            masks.append(None)
+    return torch.stack(images), masks
+
+
+def local_epochs(df: pd.DataFrame, img_size: int, batch_size: int, *, seed: int = 0, alpha: float = 0.0,
+                 kept: dict[str, list[int]] | None = None, epoch_size: int | None = None
+                 ) -> Iterator[Iterator[tuple[Tensor, list[Tensor | None]]]]:
+    """In-process pipeline: one iterator of (images, masks) batches per epoch, forever."""
+    epoch = 0
+    while True:
+        idx = epoch_indices(df, epoch, seed=seed, alpha=alpha, size=epoch_size)
+
+        def one_epoch(idx=idx):
+            for start in range(0, len(idx) - batch_size + 1, batch_size):
+                yield load_rows(df.iloc[idx[start : start + batch_size]], img_size, kept)
+
+        yield one_epoch()
+        epoch += 1
+
+
+def ray_epoch(df: pd.DataFrame, epoch: int, img_size: int, *, seed: int = 0, alpha: float = 0.0,
+              epoch_size: int | None = None, read_concurrency: int = 2):
+    """One epoch as a Ray Dataset of decoded images (streaming reads from S3 or disk, decoded in parallel,
+    order = the seeded, balanced epoch order). Rows carry uint8 HWC images to keep object-store traffic
+    small; `to_batch` turns a Ray batch into model input."""
+    import ray.data
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # the seeded order is the point
+    idx = epoch_indices(df, epoch, seed=seed, alpha=alpha, size=epoch_size)
+    rows = df.iloc[idx][list(TRAIN_COLUMNS)].reset_index(drop=True)
+    rows["order"] = np.arange(len(rows))
+
+    def decode(batch: pd.DataFrame) -> pd.DataFrame:
+        imgs = [np.asarray(Image.open(io.BytesIO(storage.read_bytes(u))).convert("RGB")
+                           .resize((img_size, img_size), Image.BILINEAR)) for u in batch["uri"]]
+        out = batch.copy()
+        out["image"] = imgs
+        return out
+
+    return ray.data.from_pandas(rows).map_batches(decode, batch_format="pandas", concurrency=read_concurrency,
+                                                  batch_size=16)
+
+
+def to_batch(batch: dict | pd.DataFrame) -> Tensor:
+    imgs = np.stack(list(batch["image"]))
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div_(255.0)
