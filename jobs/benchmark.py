@@ -142,6 +142,63 @@ def bench_model(args) -> dict:
     return res
 
 
+def bench_ablation(args) -> dict:
+    """Full MoE vs a patch-experts-only model on the objects domain, same data, steps, batch, lr and seed."""
+    from anomalymoe.platform.data import resolve_data
+    from anomalymoe.platform.evaluation import evaluate
+    from anomalymoe.platform.segmentation import SegmentParams, segment_manifest
+    from anomalymoe.platform.trainer import seed_everything, train_and_calibrate
+
+    df, kept = resolve_data("demo", demo_root=args.data_root, domains=["objects"], seed=args.seed)
+    base = presets()[args.preset].model_copy(deep=True)
+    variants = {"full": base}
+    patch_only = base.model_copy(deep=True)
+    patch_only.global_.num = patch_only.component.num = 0
+    variants["patch_only"] = patch_only
+    results = {}
+    for name, cfg in variants.items():
+        seed_everything(args.seed)
+        model = AnomalyMoE(cfg.model_copy(deep=True))
+        if name == "full":
+            seg, kept = segment_manifest(model.backbone, df, params=SegmentParams(k=args.k, seed=args.seed))
+            df = seg
+        tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                           warmup_steps=max(1, args.steps // 10), seed=args.seed)
+        t = time.perf_counter()
+        train_and_calibrate(model, df[df["split"] == "train"], tcfg, kept=kept if name == "full" else None)
+        train_s = time.perf_counter() - t
+        rep = evaluate(model, df[df["split"] == "test"], batch_size=args.batch_size,
+                       kept=kept if name == "full" else None, out_dir=args.out / name if args.out else None)
+        dom = rep["domains"]["objects"]
+        results[name] = {"train_s": train_s, "image_auroc": dom["image_auroc"], "pixel_auroc": dom["pixel_auroc"],
+                         **{f"{g}_image_auroc": v["image_auroc"] for g, v in dom["groups"].items()},
+                         **{f"{g}_pixel_auroc": v["pixel_auroc"] for g, v in dom["groups"].items()}}
+    full, po = results["full"], results["patch_only"]
+    return {
+        "benchmark": "ablation", "domain": "objects",
+        "config": {"preset": args.preset, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+                   "seed": args.seed, "k": args.k},
+        "results": results,
+        "logical_image_auroc_gain": full.get("logical_image_auroc", float("nan"))
+        - po.get("logical_image_auroc", float("nan")),
+        "component_image_auroc_gain": full.get("component_image_auroc", float("nan"))
+        - po.get("component_image_auroc", float("nan")),
+        "peak_rss_mb": peak_rss_mb(),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "command": f"python jobs/benchmark.py ablation --steps {args.steps} --json",
+    }
+
+
+def ablation_table(res: dict) -> str:
+    keys = ["image_auroc", "logical_image_auroc", "component_image_auroc", "pixel_auroc", "train_s"]
+    lines = ["variant     " + "  ".join(k.rjust(22) for k in keys)]
+    for name, r in res["results"].items():
+        lines.append(name.ljust(12) + "  ".join(f"{r.get(k, float('nan')):22.3f}" for k in keys))
+    lines.append(f"logical image AUROC gain (full - patch only): {res['logical_image_auroc_gain']:+.3f}")
+    lines.append(f"component image AUROC gain (full - patch only): {res['component_image_auroc_gain']:+.3f}")
+    return "\n".join(lines)
+
+
 def table(res: dict) -> str:
     rows = [
         ("config", f"{res['config']['backbone']} @ {res['config']['img_size']} px, experts "
@@ -177,7 +234,23 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     m.add_argument("--out", type=Path, help="also write the JSON here")
+    a = sub.add_parser("ablation", help="objects domain: full MoE vs patch experts only, same training budget")
+    a.add_argument("--preset", default="cpu-small", choices=sorted(presets()))
+    a.add_argument("--steps", type=int, default=60)
+    a.add_argument("--batch-size", type=int, default=8)
+    a.add_argument("--lr", type=float, default=2e-3)
+    a.add_argument("--k", type=int, default=6, help="component clusters per category")
+    a.add_argument("--data-root", type=Path, default=Path("outputs/demo/data"))
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--json", action="store_true")
+    a.add_argument("--out", type=Path, help="write per-variant evaluation reports here")
     args = ap.parse_args(argv)
+    if args.which == "ablation":
+        res = bench_ablation(args)
+        print(ablation_table(res), flush=True)
+        if args.json:
+            print(json.dumps(res))
+        return 0
     res = bench_model(args)
     print(table(res), flush=True)
     if args.out:

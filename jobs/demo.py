@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=60, help="training steps")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (Dinomaly's 2e-3 suits short runs)")
-    ap.add_argument("--k", type=int, default=5, help="component clusters per objects category")
+    ap.add_argument("--k", type=int, default=6, help="component clusters per objects category")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
     args = ap.parse_args(argv)

@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-refine", action="store_true", help="argmax of the upsampled soft assignment only")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--manifest-out", help="write the manifest with component_mask_uri filled here (.parquet)")
+    ap.add_argument("--ray", action="store_true", help="run feature extraction and assignment as Ray Data jobs "
+                    "(a local Ray unless RAY_ADDRESS points at a cluster)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -61,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     params = SegmentParams(k=k_default, out_size=args.out_size, refine=not args.no_refine, seed=args.seed)
     print(f"segmenting {df['category'].nunique()} categories, {len(df)} images "
           f"(k={k_default}, per category {k_per or '-'})", flush=True)
-    df, kept = segment_manifest(backbone, df, k_per, params, batch_size=args.batch_size)
+    if args.ray:
+        import ray
+
+        ray.init(include_dashboard=False, log_to_driver=False)
+    df, kept = segment_manifest(backbone, df, k_per, params, batch_size=args.batch_size, use_ray=args.ray)
     for key, ks in kept.items():
         print(f"  {key}: kept clusters {ks}")
     if args.manifest_out:

@@ -129,8 +129,7 @@ def evaluate(model: AnomalyMoE, manifest: pd.DataFrame, *, batch_size: int = 8, 
         chunk = df.iloc[start : start + batch_size]
         images, masks = load_rows(chunk, img_size, kept)
         gt = _gt_masks(chunk, img_size)
-        cats = chunk["category"].tolist()
-        pred = model.predict(images, masks, cats)
+        pred = model.predict(images, masks, chunk["cat_key"].tolist())
         maps = pred.anomaly_map
         if maps.shape[-1] != img_size:
             maps = torch.nn.functional.interpolate(maps[:, None], size=(img_size,) * 2, mode="bilinear")[:, 0]
@@ -247,9 +246,20 @@ def _routing_plot(out: Path, routing: dict) -> None:
     plt.close(fig)
 
 
+def _json_safe(x):
+    """NaN (an undefined metric, e.g. AUROC with one class) -> null: report.json stays strict JSON."""
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, float | np.floating):
+        return None if math.isnan(x) else float(x)
+    return x
+
+
 def write_report(out: Path, report: dict, rows: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    (out / "report.json").write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
     (out / "metrics.md").write_text(metrics_table(report))
     if rows:
         with open(out / "scores.csv", "w", newline="") as f:

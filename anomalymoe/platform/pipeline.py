@@ -9,6 +9,7 @@ generator seeded by (seed, epoch): the same epoch is the same list of rows on ev
 from __future__ import annotations
 
 import io
+import zlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -48,10 +49,10 @@ def holdout_split(df: pd.DataFrame, fraction: float, seed: int = 0,
                   group_by: tuple[str, ...] = ("domain", "category")) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Hold out a seeded share of each category's rows (at least one where the category has two or more)."""
     train, held = [], []
-    for _, sub in sorted(df.groupby(list(group_by)), key=lambda kv: kv[0]):
+    for key, sub in sorted(df.groupby(list(group_by)), key=lambda kv: kv[0]):
         sub = sub.sort_values("uri")
         n_held = max(1, round(len(sub) * fraction)) if len(sub) > 1 and fraction > 0 else 0
-        perm = np.random.default_rng(seed).permutation(len(sub))
+        perm = np.random.default_rng([seed, zlib.crc32("/".join(map(str, key)).encode())]).permutation(len(sub))
         held.append(sub.iloc[np.sort(perm[:n_held])])
         train.append(sub.iloc[np.sort(perm[n_held:])])
     return pd.concat(train), pd.concat(held)
@@ -79,8 +80,8 @@ def load_rows(rows: pd.DataFrame, img_size: int, kept: dict[str, list[int]] | No
     for r in rows.itertuples(index=False):
         images.append(decode_image(storage.read_bytes(r.uri), img_size))
         cm = getattr(r, "component_mask_uri", None)
-        key = f"{r.domain}/{r.category}"
-        if cm and isinstance(cm, str) and kept and key in kept:
+        key = f"{r.domain}/{r.category}" if kept else None
+        if cm and isinstance(cm, str) and key in (kept or {}):
             masks.append(component_masks(decode_label_map(storage.read_bytes(cm), img_size), kept[key]))
         else:
             masks.append(None)
@@ -122,8 +123,9 @@ def ray_epoch(df: pd.DataFrame, epoch: int, img_size: int, *, seed: int = 0, alp
         out["image"] = imgs
         return out
 
-    return ray.data.from_pandas(rows).map_batches(decode, batch_format="pandas", concurrency=read_concurrency,
-                                                  batch_size=16)
+    blocks = [rows.iloc[i : i + 16] for i in range(0, len(rows), 16)]  # one block per decode task
+    return ray.data.from_pandas(blocks).map_batches(decode, batch_format="pandas", concurrency=read_concurrency,
+                                                    batch_size=16)
 
 
 def to_batch(batch: dict | pd.DataFrame) -> Tensor:

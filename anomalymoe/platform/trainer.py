@@ -159,7 +159,8 @@ def train_and_calibrate(model: AnomalyMoE, train_rows, cfg: TrainConfig, *, hold
             for start in range(0, len(held), cfg.batch_size):
                 chunk = held.iloc[start : start + cfg.batch_size]
                 images, masks = load_rows(chunk, img_size, kept)
-                yield images, masks, chunk["category"].tolist()
+                # calibration is keyed "domain/category": two domains may share a category name
+                yield images, masks, (chunk["domain"] + "/" + chunk["category"]).tolist()
 
         model.fit_calibration(held_batches())
     return history, held

@@ -62,7 +62,7 @@ def test_calibrated_threshold_separates_normal_from_defective(trained, tmp_path)
     loaded = load_artifact(tmp_path / "m")
     rows = test[test["category"] == "gravel"].iloc[::3]
     images, _ = load_rows(rows, model.cfg.backbone.img_size)
-    cats = rows["category"].tolist()
+    cats = (rows["domain"] + "/" + rows["category"]).tolist()  # calibration is keyed domain/category
     p1 = model.predict(images, None, cats)
     p2 = loaded.predict(images, None, cats)
     assert torch.equal(p1.score, p2.score) and torch.equal(p1.anomaly_map, p2.anomaly_map)

@@ -1,0 +1,228 @@
+"""`anomalymoe.platform.pipeline`: which rows an epoch sees (seeded, balanced), hold-out splits, decoding rows
+into model input, and the Ray Data path yielding the same rows in the same order as the in-process one."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from anomalymoe.platform.pipeline import (
+    TRAIN_COLUMNS,
+    epoch_indices,
+    holdout_split,
+    load_rows,
+    local_epochs,
+    ray_epoch,
+    to_batch,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def _frame(sizes: dict[tuple[str, str], int]) -> pd.DataFrame:
+    rows = [{"uri": f"/data/{d}/{c}/train/good/{i:03d}.png", "domain": d, "category": c, "split": "train",
+             "label": 0, "defect": "good", "component_mask_uri": None}
+            for (d, c), n in sizes.items() for i in range(n)]
+    return pd.DataFrame(rows)
+
+
+SKEWED = {("objects", "big"): 100, ("textures", "small"): 5}
+
+
+# ------------------------------------------------------------------------------------------ epoch_indices
+def test_epoch_indices_deterministic_per_seed_and_epoch():
+    df = _frame({("a", "x"): 30, ("a", "y"): 12, ("b", "z"): 7})
+    a = epoch_indices(df, 3, seed=11)
+    assert np.array_equal(a, epoch_indices(df, 3, seed=11))
+    assert np.array_equal(a, epoch_indices(df.copy(), 3, seed=11))  # a fresh copy (another rank) agrees
+    assert len(a) == len(df) and a.min() >= 0 and a.max() < len(df)
+    assert not np.array_equal(a, epoch_indices(df, 4, seed=11)), "another epoch must reshuffle"
+    assert not np.array_equal(a, epoch_indices(df, 3, seed=12)), "another seed must draw differently"
+    assert len(epoch_indices(df, 0, size=17)) == 17
+
+
+def test_epoch_indices_empty_manifest_refused():
+    with pytest.raises(ValueError, match="empty"):
+        epoch_indices(_frame({}).reindex(columns=["uri", "domain", "category"]), 0)
+
+
+def _per_category(df: pd.DataFrame, idx: np.ndarray) -> Counter:
+    return Counter(df["category"].to_numpy()[idx])
+
+
+def test_alpha_zero_draws_categories_equally():
+    df = _frame(SKEWED)
+    size = 20_000
+    counts = _per_category(df, epoch_indices(df, 0, seed=0, alpha=0.0, size=size))
+    # binomial(20000, 0.5): sd ~ 71; 4 % tolerance is > 10 sd
+    assert counts["big"] + counts["small"] == size
+    assert abs(counts["small"] / size - 0.5) < 0.04, counts
+    # every small-category row is seen ~ size/2/5 times, i.e. heavily oversampled
+    per_row = Counter(epoch_indices(df, 0, seed=0, alpha=0.0, size=size))
+    small_rows = np.flatnonzero(df["category"] == "small")
+    assert all(per_row[i] > 1500 for i in small_rows)
+
+
+def test_alpha_one_draws_proportionally():
+    df = _frame(SKEWED)
+    size = 21_000
+    counts = _per_category(df, epoch_indices(df, 1, seed=0, alpha=1.0, size=size))
+    assert abs(counts["small"] / size - 5 / 105) < 0.01, counts
+    assert abs(counts["big"] / size - 100 / 105) < 0.01, counts
+
+
+def test_within_a_category_no_row_repeats_before_all_were_drawn():
+    df = _frame(SKEWED)
+    for alpha, size in ((0.0, 105), (0.0, 333), (1.0, 105), (0.5, 1000)):
+        idx = epoch_indices(df, 2, seed=5, alpha=alpha, size=size)
+        per_row = Counter(idx.tolist())
+        for cat in ("big", "small"):
+            rows = np.flatnonzero(df["category"] == cat)
+            n = sum(per_row[i] for i in rows)
+            # reshuffled cycles: every row drawn floor(n/len) or ceil(n/len) times
+            got = {per_row[i] for i in rows}
+            assert got <= {n // len(rows), -(-n // len(rows))}, (alpha, size, cat, got)
+    # alpha=0 with size=len(df): the big category gets ~half the draws and none of its rows twice
+    idx = epoch_indices(df, 0, seed=0, alpha=0.0)
+    big = [i for i in idx.tolist() if df["category"].iat[i] == "big"]
+    assert len(big) == len(set(big))
+
+
+# ------------------------------------------------------------------------------------------ holdout_split
+def test_holdout_split_per_category_seeded_disjoint_complete():
+    df = _frame({("a", "x"): 10, ("a", "y"): 3, ("b", "z"): 1, ("b", "w"): 2}).sample(frac=1.0, random_state=0)
+    train, held = holdout_split(df, 0.2, seed=4)
+    assert set(train["uri"]).isdisjoint(held["uri"])
+    assert sorted(train["uri"].tolist() + held["uri"].tolist()) == sorted(df["uri"])
+    assert len(train) + len(held) == len(df)
+    held_n = held.groupby("category").size().to_dict()
+    assert held_n == {"x": 2, "y": 1, "w": 1}  # >= 1 where a category has >= 2 rows; none from a singleton
+    again_t, again_h = holdout_split(df.sample(frac=1.0, random_state=1), 0.2, seed=4)  # row order irrelevant
+    assert sorted(again_h["uri"]) == sorted(held["uri"]) and sorted(again_t["uri"]) == sorted(train["uri"])
+    others = {tuple(sorted(holdout_split(df, 0.2, seed=s)[1]["uri"])) for s in range(5, 12)}
+    assert len(others | {tuple(sorted(held["uri"]))}) > 1, "the seed must change the held-out rows"
+    _, none_held = holdout_split(df, 0.0, seed=4)
+    assert none_held.empty
+
+
+# ------------------------------------------------------------------------------------------ decoding
+def _write_rgb(path: Path, size: int, seed: int) -> np.ndarray:
+    arr = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+    return arr
+
+
+def test_load_rows_images_and_component_masks(tmp_path):
+    s = 16
+    arrs = [_write_rgb(tmp_path / f"cat/train/good/{i:03d}.png", s, i) for i in range(3)]
+    lab = np.ones((s, s), dtype=np.uint8)  # cluster 0 (value 1): background
+    lab[4:12, 4:8] = 2  # cluster 1
+    lab[4:12, 8:12] = 4  # cluster 3; cluster 2 (value 3) appears nowhere
+    lm = tmp_path / "cat/components/train/good/000.png"
+    lm.parent.mkdir(parents=True)
+    Image.fromarray(lab).save(lm)  # 2-D uint8: mode L
+    rows = pd.DataFrame({
+        "uri": [str(tmp_path / f"cat/train/good/{i:03d}.png") for i in range(3)],
+        "domain": ["objects", "objects", "other"],
+        "category": ["cat", "cat", "cat"],
+        "component_mask_uri": [str(lm), None, str(lm)],  # row 2: its category has no kept list
+    })
+    images, masks = load_rows(rows, s, kept={"objects/cat": [1, 2, 3]})
+    assert images.shape == (3, 3, s, s) and images.dtype == torch.float32
+    assert images.min() >= 0 and images.max() <= 1
+    for i, a in enumerate(arrs):
+        assert torch.equal(images[i], torch.from_numpy(a.astype(np.float32) / 255.0).permute(2, 0, 1))
+    assert masks[1] is None and masks[2] is None
+    m = masks[0]
+    assert m.dtype == torch.bool and m.shape == (2, s, s)  # kept 1, 2, 3; cluster 2 empty -> dropped
+    assert torch.equal(m[0], torch.from_numpy(lab == 2)) and torch.equal(m[1], torch.from_numpy(lab == 4))
+    # a different model size: images resized, label map resized nearest (values stay labels, masks stay exact)
+    images2, masks2 = load_rows(rows.iloc[:1], 2 * s, kept={"objects/cat": [1, 3]})
+    assert images2.shape == (1, 3, 2 * s, 2 * s)
+    assert torch.equal(masks2[0][0], torch.from_numpy(np.kron(lab == 2, np.ones((2, 2), bool))))
+    assert torch.equal(masks2[0][1], torch.from_numpy(np.kron(lab == 4, np.ones((2, 2), bool))))
+    # no kept lists at all: no masks
+    assert load_rows(rows.iloc[:1], s)[1] == [None]
+
+
+@pytest.fixture
+def image_frame(tmp_path) -> pd.DataFrame:
+    """12 rows in two categories (8 + 4) of 20 px images (resized on load)."""
+    rows = []
+    for cat, n in (("a", 8), ("b", 4)):
+        for i in range(n):
+            p = tmp_path / cat / "train" / "good" / f"{i:03d}.png"
+            _write_rgb(p, 20, 100 * ord(cat) + i)
+            rows.append({"uri": str(p), "domain": "d", "category": cat, "component_mask_uri": None})
+    return pd.DataFrame(rows)
+
+
+def test_local_epochs_follow_epoch_indices(image_frame):
+    df, size, bs = image_frame, 14, 4
+    gen = local_epochs(df, size, bs, seed=3, alpha=0.0, epoch_size=10)
+    for epoch in range(2):
+        batches = list(next(gen))
+        assert len(batches) == 10 // bs  # the incomplete last batch is dropped
+        idx = epoch_indices(df, epoch, seed=3, alpha=0.0, size=10)
+        want, _ = load_rows(df.iloc[idx[: len(batches) * bs]], size)
+        got = torch.cat([b[0] for b in batches])
+        assert got.shape == (8, 3, size, size)
+        assert torch.equal(got, want)
+        assert all(b[1] == [None] * bs for b in batches)
+
+
+# ------------------------------------------------------------------------------------------ Ray Data
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def test_ray_epoch_matches_in_process_order_and_pixels(local_ray, image_frame):
+    df, size = image_frame, 14
+    ds = ray_epoch(df, 1, size, seed=7, alpha=0.0, epoch_size=12)
+    idx = epoch_indices(df, 1, seed=7, alpha=0.0, size=12)
+    uris, imgs, order = [], [], []
+    for batch in ds.iter_batches(batch_size=5, batch_format="pandas"):
+        assert set(TRAIN_COLUMNS) <= set(batch.columns)
+        uris += batch["uri"].tolist()
+        order += batch["order"].tolist()
+        imgs.append(to_batch(batch))
+    assert uris == df["uri"].iloc[idx].tolist()
+    assert order == list(range(12))
+    got = torch.cat(imgs)
+    want, _ = load_rows(df.iloc[idx], size)
+    assert got.shape == want.shape == (12, 3, size, size) and got.dtype == torch.float32
+    assert (got - want).abs().max().item() <= 1 / 255 + 1e-6
+    # a different epoch is a different order through Ray as well
+    other = [u for b in ray_epoch(df, 2, size, seed=7, epoch_size=12).iter_batches(batch_format="pandas")
+             for u in b["uri"]]
+    assert other == df["uri"].iloc[epoch_indices(df, 2, seed=7, size=12)].tolist() and other != uris
+
+
+def test_ray_epoch_decodes_in_parallel_blocks(local_ray, tmp_path):
+    rows = []
+    for i in range(40):
+        p = tmp_path / f"{i:03d}.png"
+        Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(p)
+        rows.append({"uri": str(p), "domain": "d", "category": "c" if i < 30 else "e", "component_mask_uri": None})
+    df = pd.DataFrame(rows)
+    ds = ray_epoch(df, 0, 8, read_concurrency=2).materialize()
+    uris = [u for b in ds.iter_batches(batch_format="pandas") for u in b["uri"]]
+    assert uris == df["uri"].iloc[epoch_indices(df, 0)].tolist()  # order holds either way
+    tasks = [line for line in ds.stats().splitlines() if "MapBatches(decode)" in line and "tasks executed" in line]
+    assert ds.num_blocks() >= 2, tasks
