@@ -19,7 +19,7 @@ from anomalymoe.models.backbone import Backbone
 from anomalymoe.platform.data import resolve_data
 from anomalymoe.platform.demo_data import generate_textures
 from anomalymoe.platform.demo_objects import DEFECT_GROUPS, generate_objects
-from anomalymoe.platform.evaluation import METRIC_KEYS, evaluate, metrics_table, write_report
+from anomalymoe.platform.evaluation import METRIC_KEYS, _json_safe, evaluate, metrics_table, write_report
 from anomalymoe.platform.pipeline import load_rows
 from anomalymoe.platform.segmentation import SegmentParams, segment_manifest
 
@@ -188,5 +188,7 @@ def test_metrics_table_and_write_report(tmp_path):
     write_report(tmp_path / "r", report, [])
     assert (tmp_path / "r" / "metrics.md").read_text() == md
     assert (tmp_path / "r" / "routing.png").is_file() and not (tmp_path / "r" / "scores.csv").exists()
-    back = json.loads((tmp_path / "r" / "report.json").read_text())
-    same(back, report)
+    text = (tmp_path / "r" / "report.json").read_text()
+    back = json.loads(text, parse_constant=lambda c: pytest.fail(f"report.json is not strict JSON: {c}"))
+    assert back["mean"]["image_auroc"] is None  # an undefined metric is null, not NaN
+    same(back, _json_safe(report))
