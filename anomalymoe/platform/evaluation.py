@@ -128,11 +128,9 @@ def evaluate(model: AnomalyMoE, manifest: pd.DataFrame, *, batch_size: int = 8, 
     for start in range(0, len(df), batch_size):
         chunk = df.iloc[start : start + batch_size]
         images, masks = load_rows(chunk, img_size, kept)
-        gt = _gt_masks(chunk, img_size)
         pred = model.predict(images, masks, chunk["cat_key"].tolist())
-        maps = pred.anomaly_map
-        if maps.shape[-1] != img_size:
-            maps = torch.nn.functional.interpolate(maps[:, None], size=(img_size,) * 2, mode="bilinear")[:, 0]
+        maps = pred.anomaly_map  # at scoring.map_size (default: the input size): ground truth is read at that size
+        gt = _gt_masks(chunk, maps.shape[-1])
         sel = pred.routing.mask.cpu().numpy()
         for i, r in enumerate(chunk.itertuples(index=False)):
             group = r.defect_group if isinstance(r.defect_group, str) and r.defect_group else None
@@ -157,8 +155,9 @@ def evaluate(model: AnomalyMoE, manifest: pd.DataFrame, *, batch_size: int = 8, 
                 title = (f"{r.cat_key}/{r.defect}/{Path(r.uri).name}  score {float(pred.score[i]):.4f} "
                          f"(normalized {float(pred.normalized_score[i]):.2f}, threshold "
                          f"{float(pred.threshold[i]):.4f}) -> {verdict}")
+                shown_img = torch.nn.functional.interpolate(images[i : i + 1], size=maps.shape[-2:], mode="bilinear")[0]
                 save_panel(out / "panels" / r.domain / r.category / f"{r.defect}_{Path(r.uri).stem}.png",
-                           images[i], gt[i], maps[i], title, lv_maps)
+                           shown_img, gt[i], maps[i], title, lv_maps)
         bar.update(len(chunk))
     bar.close()
     report = build_report(acc, routing_hist, model, len(df))
