@@ -25,6 +25,7 @@ from anomalymoe.models.artifact import save_artifact  # noqa: E402
 from anomalymoe.models.config import presets  # noqa: E402
 from anomalymoe.platform.data import ensure_demo_data, resolve_data  # noqa: E402
 from anomalymoe.platform.evaluation import evaluate, metrics_table  # noqa: E402
+from anomalymoe.platform.manifest import ensure_valid  # noqa: E402
 from anomalymoe.platform.segmentation import SegmentParams, segment_manifest  # noqa: E402
 from anomalymoe.platform.trainer import TrainConfig, seed_everything, train_and_calibrate  # noqa: E402
 
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    {dom}: {summary['n_images']} images, {summary['n_masks']} defect masks "
               f"({'generated' if summary['regenerated'] else 'reused'})")
     df, kept = resolve_data("demo", demo_root=out / "data", seed=args.seed)
+    df = ensure_valid(df)  # every image and mask readable and consistent, or one report of all problems
 
     stage(2, 6, f"model ({args.preset})")
     model = build_model(args.preset)

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from anomalymoe.models.artifact import load_artifact  # noqa: E402
 from anomalymoe.platform.data import resolve_data  # noqa: E402
 from anomalymoe.platform.evaluation import evaluate, metrics_table  # noqa: E402
+from anomalymoe.platform.manifest import ManifestError, ensure_valid  # noqa: E402
 
 
 def resolve_model(uri: str) -> Path:
@@ -48,11 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="report directory")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--panels", type=int, default=6, help="panels per category (one per defect type)")
+    ap.add_argument("--skip-bad-rows", action="store_true", help="drop unreadable/inconsistent rows instead of failing")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     t0 = time.perf_counter()
     model = load_artifact(resolve_model(args.model))
     df, kept = resolve_data(args.data, domains=args.domain)
+    try:  # a broken manifest is refused with every problem listed, unless told to skip bad rows
+        df = ensure_valid(df, skip_bad_rows=args.skip_bad_rows)
+    except ManifestError as e:
+        raise SystemExit(f"the data has problems (rerun with --skip-bad-rows to drop those rows):\n{e}") from None
     test = df[df["split"] == args.split]
     if test.empty:
         raise SystemExit(f"no {args.split!r} rows in {args.data}")

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from anomalymoe.models.backbone import Backbone  # noqa: E402
 from anomalymoe.models.config import BackboneConfig  # noqa: E402
 from anomalymoe.platform.data import resolve_data  # noqa: E402
+from anomalymoe.platform.manifest import ManifestError, ensure_valid  # noqa: E402
 from anomalymoe.platform.segmentation import SegmentParams, segment_manifest  # noqa: E402
 
 
@@ -53,11 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ray", action="store_true", help="run feature extraction and assignment as Ray Data jobs "
                     "(a local Ray unless RAY_ADDRESS points at a cluster)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-bad-rows", action="store_true", help="drop unreadable/inconsistent rows instead of failing")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     t0 = time.perf_counter()
     df, _ = resolve_data(args.data, domains=args.domain, seed=args.seed)
+    try:  # a broken manifest is refused with every problem listed, unless told to skip bad rows
+        df = ensure_valid(df, skip_bad_rows=args.skip_bad_rows)
+    except ManifestError as e:
+        raise SystemExit(f"the data has problems (rerun with --skip-bad-rows to drop those rows):\n{e}") from None
     k_default, k_per = parse_k(args.k)
     backbone = Backbone(BackboneConfig(name=args.backbone, weights=args.weights, img_size=args.img_size))
     params = SegmentParams(k=k_default, out_size=args.out_size, refine=not args.no_refine, seed=args.seed)

@@ -57,3 +57,29 @@ def test_benchmark_model_json_contract():
         assert key in res, key
     assert res["max_abs_diff"] < 1e-5
     assert res["sparse_img_per_s"] > 0 and res["dense_img_per_s"] > 0
+
+
+def test_evaluate_refuses_broken_data_with_one_report(tmp_path):
+    from anomalymoe.models.anomalymoe import AnomalyMoE
+    from anomalymoe.models.artifact import save_artifact
+    from anomalymoe.models.config import presets
+    from anomalymoe.platform.demo_data import generate_textures
+
+    root = tmp_path / "textures"
+    generate_textures(root, n_train=3, n_test_good=2, n_test_defect_per_type=1, image_size=64, categories=("brick",))
+    bad_img = sorted((root / "brick" / "test" / "good").glob("*.png"))[0]
+    bad_img.write_bytes(bad_img.read_bytes()[:100])  # truncated
+    bad_mask = sorted((root / "brick" / "ground_truth" / "scratch").glob("*.png"))[0]
+    bad_mask.unlink()  # a defective image without its mask
+    save_artifact(AnomalyMoE(presets()["test-tiny"]), tmp_path / "model")
+    args = ["jobs/evaluate.py", "--model", str(tmp_path / "model"), "--data", f"textures={root}",
+            "--out", str(tmp_path / "ev"), "--panels", "1"]
+    r = run(*args)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    assert bad_img.name in r.stderr and "--skip-bad-rows" in r.stderr
+    assert "mask" in r.stderr  # both problems in the one report
+    r2 = run(*args, "--skip-bad-rows")
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert report["num_images"] == 2 + 4 - 2  # the two bad rows were dropped, the rest evaluated
