@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_artifact(resolve_model(args.model))
     df, kept = resolve_data(args.data, domains=args.domain)
     try:  # a broken manifest is refused with every problem listed, unless told to skip bad rows
-        df = ensure_valid(df, skip_bad_rows=args.skip_bad_rows)
+        df = ensure_valid(df, skip_bad_rows=args.skip_bad_rows, required_splits=(args.split,))
     except ManifestError as e:
         raise SystemExit(f"the data has problems (rerun with --skip-bad-rows to drop those rows):\n{e}") from None
     test = df[df["split"] == args.split]

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     df, _ = resolve_data(args.data, domains=args.domain, seed=args.seed)
     try:  # a broken manifest is refused with every problem listed, unless told to skip bad rows
-        df = ensure_valid(df, skip_bad_rows=args.skip_bad_rows)
+        df = ensure_valid(df, skip_bad_rows=args.skip_bad_rows, required_splits=("train",))
     except ManifestError as e:
         raise SystemExit(f"the data has problems (rerun with --skip-bad-rows to drop those rows):\n{e}") from None
     k_default, k_per = parse_k(args.k)

@@ -476,13 +476,14 @@ def _exists(uri: str) -> bool | str:
         return f"{type(e).__name__}: {e}"
 
 
-def _category_problems(df: pd.DataFrame) -> tuple[list[Problem], list[tuple[str, str, str]]]:
+def _category_problems(df: pd.DataFrame, required_splits: Sequence[str] = ("train", "test")
+                       ) -> tuple[list[Problem], list[tuple[str, str, str]]]:
     problems, empty = [], []
     if not len(df):
         return problems, empty
     splits = df.groupby(["domain", "dataset", "category"], sort=True, dropna=False)["split"].agg(set)
     for key, present in splits.items():
-        lacking = [s for s in ("train", "test") if s not in present]
+        lacking = [s for s in required_splits if s not in present]
         if lacking:
             domain, dataset, cat = key
             empty.append(key)
@@ -498,12 +499,15 @@ def validate_manifest(
     max_workers: int = 4,
     no_pixel_gt: Collection[str] = (),
     max_pixels: int | None | bool = True,
+    required_splits: Sequence[str] = ("train", "test"),
 ) -> ValidationReport:
     """Check every row and report every problem at once (see ``PROBLEM_CODES``).
 
     ``no_pixel_gt``: datasets without pixel ground truth (their anomalous rows need no mask).
     ``check_images=False`` runs only the checks that need no I/O. ``max_pixels=True`` means PIL's current
-    ``Image.MAX_IMAGE_PIXELS``; None disables the size guard. Row numbers are positions in ``df``."""
+    ``Image.MAX_IMAGE_PIXELS``; None disables the size guard. ``required_splits``: the splits every category
+    must have (training needs train and test; evaluating a test-only manifest needs only test).
+    Row numbers are positions in ``df``."""
     if max_pixels is True:
         max_pixels = Image.MAX_IMAGE_PIXELS
     m = _with_all_columns(df).reset_index(drop=True)
@@ -540,7 +544,7 @@ def validate_manifest(
             add(i, "anomalous_in_train", f"anomalous image (defect {defect!r}) in the train split")
         if label == 1 and pd.isna(m.at[i, "mask_uri"]) and m.at[i, "dataset"] not in no_pixel_gt:
             add(i, "missing_mask", f"anomalous image (defect {defect!r}) has no mask_uri")
-    cat_problems, empty = _category_problems(m)
+    cat_problems, empty = _category_problems(m, required_splits)
     problems += cat_problems
 
     if check_images and n:
@@ -593,7 +597,7 @@ def ensure_valid(df: pd.DataFrame, skip_bad_rows: bool = False, **validate_kwarg
         raise ManifestError(report.summary())
     bad = set(report.bad_rows)
     good = report.manifest.drop(index=sorted(bad)).reset_index(drop=True)
-    extra, empty = _category_problems(good)
+    extra, empty = _category_problems(good, validate_kwargs.get("required_splits", ("train", "test")))
     if empty:  # dropping rows can empty a category (e.g. all its train images were corrupt)
         keys = set(empty)
         keep = [k not in keys for k in zip(good["domain"], good["dataset"], good["category"], strict=True)]

@@ -523,3 +523,16 @@ def test_demo_catalog(tmp_path, textures):
     assert set(demo_catalog(root, domains=["textures"]).domains) == {"textures"}
     with pytest.raises(CatalogError, match="nothing"):
         demo_catalog(root, domains=["nothing"])
+
+
+def test_required_splits_allow_a_test_only_manifest(tmp_path):
+    """Evaluating needs only test rows; training needs train and test: the empty-category check follows."""
+    from anomalymoe.platform.demo_data import generate_textures
+    from anomalymoe.platform.manifest import build_manifest_from_mvtec, validate_manifest
+
+    root = tmp_path / "t"
+    generate_textures(root, n_train=2, n_test_good=1, n_test_defect_per_type=1, image_size=64, categories=("brick",))
+    test_only = build_manifest_from_mvtec(str(root), "textures", "demo")
+    test_only = test_only[test_only.split == "test"]
+    assert not validate_manifest(test_only).ok
+    assert validate_manifest(test_only, required_splits=("test",)).ok
