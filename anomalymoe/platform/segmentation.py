@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import zlib
 from dataclasses import dataclass, field
 
@@ -170,11 +169,6 @@ def best_match_iou(pred_labels: np.ndarray, gt_labels: np.ndarray, kept: list[in
             best = max(best, inter / union if union else 0.0)
         out[part] = float(best)
     return out
-
-
-def default_k(n_parts_hint: int | None = None) -> int:
-    """Reference: k = 5 for every category."""
-    return 5 if n_parts_hint is None else max(2, math.ceil(n_parts_hint))
 
 
 # ------------------------------------------------------------------------------------------------------
