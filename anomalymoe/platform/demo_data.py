@@ -37,7 +37,7 @@ import shutil
 import sys
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -358,19 +358,9 @@ def generate_textures(
     split and defect type, and masks per defect type), ``n_images``, ``n_masks``, ``regenerated``.
     """
     categories = tuple(categories)
-    if not categories or len(set(categories)) != len(categories):
-        raise ValueError(f"categories must be non-empty and unique, got {categories!r}")
-    for cat in categories:
-        _validate(category=cat)
+    check_request(categories, _validate, n_train=n_train, n_test_good=n_test_good,
+                  n_test_defect_per_type=n_test_defect_per_type)
     _validate(image_size=image_size, seed=seed)
-    for name, n in (
-        ("n_train", n_train),
-        ("n_test_good", n_test_good),
-        ("n_test_defect_per_type", n_test_defect_per_type),
-    ):
-        if not isinstance(n, int) or n < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {n!r}")
-
     root = Path(root)
     params = {
         "version": _GENERATOR_VERSION,
@@ -393,36 +383,7 @@ def generate_textures(
         "n_masks": n_test_defect_per_type * len(DEFECT_TYPES) * len(categories),
     }
 
-    marker_path, partial_path = root / MARKER_NAME, root / _PARTIAL_NAME
-    marker = _read_json(marker_path)
-    if (
-        marker is not None
-        and marker.get("params") == params
-        and not partial_path.exists()
-        and all((root / cat).is_dir() for cat in categories)
-    ):
-        return {**summary, "regenerated": False}
-
-    owned: set[str] = set()
-    for old in (marker, _read_json(partial_path)):
-        if old is not None:
-            owned.update(c for c in old.get("params", {}).get("categories", []) if c in CATEGORIES)
-    foreign = [cat for cat in categories if (root / cat).exists() and cat not in owned]
-    if foreign:
-        raise FileExistsError(
-            f"{[str(root / c) for c in foreign]} exist but were not written by this generator; "
-            "refusing to overwrite them"
-        )
-
-    root.mkdir(parents=True, exist_ok=True)
-    # Record what we are about to own *before* touching anything, then drop the complete marker.
-    _write_json_atomic(partial_path, {"params": {"categories": sorted(owned | set(categories))}})
-    marker_path.unlink(missing_ok=True)
-    for cat in sorted(owned | set(categories)):
-        shutil.rmtree(root / cat, ignore_errors=True)
-
-    for cat in categories:
-        base = root / cat
+    def write_category(cat: str, base: Path) -> None:
         for i in range(n_train):
             _save_png(
                 base / "train" / "good" / f"{i:03d}.png",
@@ -439,7 +400,62 @@ def generate_textures(
                 _save_png(base / "test" / defect / f"{i:03d}.png", s.image)
                 _save_png(base / "ground_truth" / defect / f"{i:03d}_mask.png", s.mask.astype(np.uint8) * 255)
 
-    _write_json_atomic(marker_path, {"generator": __name__, "params": params, "summary": summary})
+    return materialize(root, categories, params, summary, write_category, marker_name=MARKER_NAME,
+                       partial_name=_PARTIAL_NAME, known_categories=CATEGORIES, generator=__name__)
+
+
+def check_request(categories: tuple[str, ...], validate, **counts: int) -> None:
+    """Shared argument checks of the demo generators: unique known categories, non-negative counts."""
+    if not categories or len(set(categories)) != len(categories):
+        raise ValueError(f"categories must be non-empty and unique, got {categories!r}")
+    for cat in categories:
+        validate(category=cat)
+    for name, n in counts.items():
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {n!r}")
+
+
+def materialize(root: Path, categories: tuple[str, ...], params: dict, summary: dict,
+                write_category: Callable[[str, Path], None], *, marker_name: str, partial_name: str,
+                known_categories: Sequence[str], generator: str) -> dict:
+    """The idempotent, interruption-safe write shared by the demo generators.
+
+    Nothing is written when the marker records the same parameters. Otherwise only the category folders
+    the generator owns (listed in its marker, or in the partial marker of an interrupted run) are removed
+    and rewritten by ``write_category(category, folder)``; a pre-existing folder it does not own raises
+    ``FileExistsError``. The complete marker is written last."""
+    marker_path, partial_path = root / marker_name, root / partial_name
+    marker = _read_json(marker_path)
+    if (
+        marker is not None
+        and marker.get("params") == params
+        and not partial_path.exists()
+        and all((root / cat).is_dir() for cat in categories)
+    ):
+        return {**summary, "regenerated": False}
+
+    owned: set[str] = set()
+    for old in (marker, _read_json(partial_path)):
+        if old is not None:
+            owned.update(c for c in old.get("params", {}).get("categories", []) if c in known_categories)
+    foreign = [cat for cat in categories if (root / cat).exists() and cat not in owned]
+    if foreign:
+        raise FileExistsError(
+            f"{[str(root / c) for c in foreign]} exist but were not written by this generator; "
+            "refusing to overwrite them"
+        )
+
+    root.mkdir(parents=True, exist_ok=True)
+    # Record what we are about to own *before* touching anything, then drop the complete marker.
+    _write_json_atomic(partial_path, {"params": {"categories": sorted(owned | set(categories))}})
+    marker_path.unlink(missing_ok=True)
+    for cat in sorted(owned | set(categories)):
+        shutil.rmtree(root / cat, ignore_errors=True)
+
+    for cat in categories:
+        write_category(cat, root / cat)
+
+    _write_json_atomic(marker_path, {"generator": generator, "params": params, "summary": summary})
     partial_path.unlink(missing_ok=True)
     return {**summary, "regenerated": True}
 
@@ -484,34 +500,34 @@ def iter_samples(
 # ----------------------------------------------------------------------------- CLI
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point: generate the dataset and print the summary as JSON."""
-    parser = argparse.ArgumentParser(
-        prog="python -m anomalymoe.platform.demo_data",
-        description="Write the built-in synthetic 'textures' anomaly dataset (MVTec AD layout).",
-    )
+def run_cli(argv: Sequence[str] | None, generate: Callable[..., dict], *, prog: str, description: str,
+            categories: Sequence[str], defaults: dict[str, int]) -> int:
+    """The demo generators' shared CLI: generate the dataset and print the summary as JSON."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--out", required=True, help="dataset root directory")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
-    parser.add_argument("--n-train", type=int, default=DEFAULT_N_TRAIN)
-    parser.add_argument("--n-test-good", type=int, default=DEFAULT_N_TEST_GOOD)
-    parser.add_argument("--n-test-defect-per-type", type=int, default=DEFAULT_N_TEST_DEFECT_PER_TYPE)
-    parser.add_argument("--categories", nargs="+", default=list(CATEGORIES), choices=CATEGORIES)
+    for name, default in defaults.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
+    parser.add_argument("--categories", nargs="+", default=list(categories), choices=categories)
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    summary = generate_textures(
-        args.out,
-        image_size=args.image_size,
-        n_train=args.n_train,
-        n_test_good=args.n_test_good,
-        n_test_defect_per_type=args.n_test_defect_per_type,
-        seed=args.seed,
-        categories=args.categories,
-    )
+    summary = generate(args.out, seed=args.seed, categories=args.categories,
+                       **{name: getattr(args, name) for name in defaults})
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     json.dump(summary, sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point: generate the dataset and print the summary as JSON."""
+    return run_cli(
+        argv, generate_textures, prog="python -m anomalymoe.platform.demo_data",
+        description="Write the built-in synthetic 'textures' anomaly dataset (MVTec AD layout).",
+        categories=CATEGORIES,
+        defaults={"image_size": DEFAULT_IMAGE_SIZE, "n_train": DEFAULT_N_TRAIN, "n_test_good": DEFAULT_N_TEST_GOOD,
+                  "n_test_defect_per_type": DEFAULT_N_TEST_DEFECT_PER_TYPE},
+    )
 
 
 if __name__ == "__main__":

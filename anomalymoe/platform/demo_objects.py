@@ -73,16 +73,10 @@ mask`` exactly, which :func:`render_sample` asserts for every sample.
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import math
 import os
-import shutil
-import sys
-import time
 import zipfile
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cache
@@ -93,7 +87,15 @@ from PIL import Image
 from scipy import ndimage
 from skimage import draw
 
-from anomalymoe.platform.demo_data import iter_samples, load_mask
+from anomalymoe.platform.demo_data import (  # noqa: F401 - iter_samples/load_mask are re-exported
+    _category_id,
+    _write_json_atomic,
+    check_request,
+    iter_samples,
+    load_mask,
+    materialize,
+    run_cli,
+)
 
 __all__ = [
     "CATEGORIES",
@@ -302,11 +304,6 @@ class _Pose:
     dy: float
     s: float  # image_size / 256
     c: float  # image centre
-
-
-def _category_id(category: str) -> int:
-    """Stable per-category stream id (crc32, not Python's salted ``hash()``)."""
-    return zlib.crc32(category.encode("utf-8"))
 
 
 def _sample_rng(seed: int, category: str, split: str, kind: str, index: int) -> np.random.Generator:
@@ -698,19 +695,6 @@ def load_parts(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
         return z["labels"], z["instances"]
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def _category_summary(category: str, n_train: int, n_test_good: int, n_defect: int) -> dict:
     test = {"good": n_test_good, **{d: n_defect for d in DEFECT_TYPES}}
     return {
@@ -746,19 +730,9 @@ def generate_objects(
     ``n_masks``, ``n_part_files``, ``regenerated``.
     """
     categories = tuple(categories)
-    if not categories or len(set(categories)) != len(categories):
-        raise ValueError(f"categories must be non-empty and unique, got {categories!r}")
-    for cat in categories:
-        _validate(category=cat)
+    check_request(categories, _validate, n_train=n_train, n_test_good=n_test_good,
+                  n_test_defect_per_type=n_test_defect_per_type)
     _validate(image_size=image_size, seed=seed)
-    for name, n in (
-        ("n_train", n_train),
-        ("n_test_good", n_test_good),
-        ("n_test_defect_per_type", n_test_defect_per_type),
-    ):
-        if not isinstance(n, int) or n < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {n!r}")
-
     root = Path(root)
     params = {
         "version": _GENERATOR_VERSION,
@@ -784,36 +758,7 @@ def generate_objects(
         "n_part_files": n_per_cat * len(categories),
     }
 
-    marker_path, partial_path = root / MARKER_NAME, root / _PARTIAL_NAME
-    marker = _read_json(marker_path)
-    if (
-        marker is not None
-        and marker.get("params") == params
-        and not partial_path.exists()
-        and all((root / cat).is_dir() for cat in categories)
-    ):
-        return {**summary, "regenerated": False}
-
-    owned: set[str] = set()
-    for old in (marker, _read_json(partial_path)):
-        if old is not None:
-            owned.update(c for c in old.get("params", {}).get("categories", []) if c in CATEGORIES)
-    foreign = [cat for cat in categories if (root / cat).exists() and cat not in owned]
-    if foreign:
-        raise FileExistsError(
-            f"{[str(root / c) for c in foreign]} exist but were not written by this generator; "
-            "refusing to overwrite them"
-        )
-
-    root.mkdir(parents=True, exist_ok=True)
-    # Record what we are about to own *before* touching anything, then drop the complete marker.
-    _write_json_atomic(partial_path, {"params": {"categories": sorted(owned | set(categories))}})
-    marker_path.unlink(missing_ok=True)
-    for cat in sorted(owned | set(categories)):
-        shutil.rmtree(root / cat, ignore_errors=True)
-
-    for cat in categories:
-        base = root / cat
+    def write_category(cat: str, base: Path) -> None:
         jobs = [("train", "good", i) for i in range(n_train)] + [("test", "good", i) for i in range(n_test_good)]
         jobs += [("test", d, i) for d in DEFECT_TYPES for i in range(n_test_defect_per_type)]
         for split, kind, i in jobs:
@@ -825,9 +770,8 @@ def generate_objects(
         _write_json_atomic(base / "defect_groups.json", dict(DEFECT_GROUPS))
         _write_json_atomic(base / "part_types.json", {str(k): v for k, v in PART_TYPES[cat].items()})
 
-    _write_json_atomic(marker_path, {"generator": __name__, "params": params, "summary": summary})
-    partial_path.unlink(missing_ok=True)
-    return {**summary, "regenerated": True}
+    return materialize(root, categories, params, summary, write_category, marker_name=MARKER_NAME,
+                       partial_name=_PARTIAL_NAME, known_categories=CATEGORIES, generator=__name__)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -835,32 +779,13 @@ def generate_objects(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: generate the dataset and print the summary as JSON."""
-    parser = argparse.ArgumentParser(
-        prog="python -m anomalymoe.platform.demo_objects",
+    return run_cli(
+        argv, generate_objects, prog="python -m anomalymoe.platform.demo_objects",
         description="Write the built-in synthetic 'objects' anomaly dataset (MVTec AD layout + part masks).",
+        categories=CATEGORIES,
+        defaults={"image_size": DEFAULT_IMAGE_SIZE, "n_train": DEFAULT_N_TRAIN, "n_test_good": DEFAULT_N_TEST_GOOD,
+                  "n_test_defect_per_type": DEFAULT_N_TEST_DEFECT_PER_TYPE},
     )
-    parser.add_argument("--out", required=True, help="dataset root directory")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
-    parser.add_argument("--n-train", type=int, default=DEFAULT_N_TRAIN)
-    parser.add_argument("--n-test-good", type=int, default=DEFAULT_N_TEST_GOOD)
-    parser.add_argument("--n-test-defect-per-type", type=int, default=DEFAULT_N_TEST_DEFECT_PER_TYPE)
-    parser.add_argument("--categories", nargs="+", default=list(CATEGORIES), choices=CATEGORIES)
-    args = parser.parse_args(argv)
-    t0 = time.perf_counter()
-    summary = generate_objects(
-        args.out,
-        image_size=args.image_size,
-        n_train=args.n_train,
-        n_test_good=args.n_test_good,
-        n_test_defect_per_type=args.n_test_defect_per_type,
-        seed=args.seed,
-        categories=args.categories,
-    )
-    summary["seconds"] = round(time.perf_counter() - t0, 3)
-    json.dump(summary, sys.stdout, indent=2, sort_keys=True)
-    sys.stdout.write("\n")
-    return 0
 
 
 if __name__ == "__main__":
