@@ -144,6 +144,7 @@ def bench_model(args) -> dict:
 
 def bench_ablation(args) -> dict:
     """Full MoE vs a patch-experts-only model on the objects domain, same data, steps, batch, lr and seed."""
+    from anomalymoe.models.artifact import save_artifact
     from anomalymoe.platform.data import resolve_data
     from anomalymoe.platform.evaluation import evaluate
     from anomalymoe.platform.segmentation import SegmentParams, segment_manifest
@@ -169,6 +170,8 @@ def bench_ablation(args) -> dict:
         train_s = time.perf_counter() - t
         rep = evaluate(model, df[df["split"] == "test"], batch_size=args.batch_size,
                        kept=kept if name == "full" else None, out_dir=args.out / name if args.out else None)
+        if args.out:
+            save_artifact(model, args.out / name / "model", metrics=rep["mean"])
         dom = rep["domains"]["objects"]
         results[name] = {"train_s": train_s, "image_auroc": dom["image_auroc"], "pixel_auroc": dom["pixel_auroc"],
                          **{f"{g}_image_auroc": v["image_auroc"] for g, v in dom["groups"].items()},
@@ -243,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--data-root", type=Path, default=Path("outputs/demo/data"))
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--json", action="store_true")
-    a.add_argument("--out", type=Path, help="write per-variant evaluation reports here")
+    a.add_argument("--out", type=Path, help="write per-variant evaluation reports and model artifacts here")
     args = ap.parse_args(argv)
     if args.which == "ablation":
         res = bench_ablation(args)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -33,8 +33,10 @@ from .scoring import (
     DEFAULT_KEY,
     Calibration,
     LevelNorm,
+    SlotStats,
     fit_level_norms,
     fit_score_norms,
+    fit_slot_norms,
     fuse,
     smooth,
     top_ratio_score,
@@ -79,7 +81,12 @@ class MoEOutput:
     batch_size: int
     grid: tuple[int, int]
     global_target: Tensor | None = None  # [B, C, h, w] (rows only for samples that need it)
+    comp_valid: Tensor | None = None  # [K] the component's mask is not empty (else: a missing part)
     eir_pairs: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+
+# Raw score of an empty component slot: 1 - cos(reconstruction, 0) for a zero feature.
+MISSING_PART_SCORE = 1.0
 
 
 def _rows(mask_col: Tensor) -> Tensor:
@@ -106,7 +113,10 @@ class AnomalyMoE(nn.Module):
 
     def _init_weights(self) -> None:
         """Reference init: trunc-normal(0.01) Linear weights in experts and gate, zero bias; convs default."""
-        for mod in [self.patch_experts, self.component_experts, self.router]:
+        mods = [self.patch_experts, self.router]
+        if self.cfg.component.init == "reference":
+            mods.append(self.component_experts)
+        for mod in mods:
             for m in mod.modules():
                 if isinstance(m, nn.Linear):
                     nn.init.trunc_normal_(m.weight, std=0.01, a=-0.03, b=0.03)
@@ -184,18 +194,18 @@ class AnomalyMoE(nn.Module):
                 f_ae = self.backbone(images_ae[need])
                 target[need] = f_ae.to_map(f_ae.fuse(groups[-1]))
 
-        # Component experts
-        comp_feats, owner = component_features(feats.to_map(fused_all), masks, self.cfg.component.dilation)
+        # Component experts: only on non-empty slots (an empty slot is a missing part, scored in level_maps)
+        comp_feats, owner, valid = component_features(feats.to_map(fused_all), masks, self.cfg.component.dilation)
         comp: dict[int, ComponentOut] = {}
-        if comp_feats.shape[0]:
+        if valid.any():
             for j in range(self.cfg.component.num):
                 col = routing.mask[:, sl["component"].start + j]
-                cidx = (torch.arange(owner.numel(), device=owner.device) if self.cfg.execution == "dense"
-                        else _rows(col[owner]))
+                cidx = _rows(valid if self.cfg.execution == "dense" else valid & col[owner])
                 if cidx.numel():
                     comp[j] = ComponentOut(cidx, self.component_experts[j](comp_feats[cidx]))
 
-        out = MoEOutput(routing, en_groups, patch, glob, comp, comp_feats, owner, masks, b, feats.grid, target)
+        out = MoEOutput(routing, en_groups, patch, glob, comp, comp_feats, owner, masks, b, feats.grid, target,
+                        comp_valid=valid)
         if self.training and self.cfg.loss.lambda_eir > 0:
             out.eir_pairs = self._eir_pairs(out, fused_all, ae_norm, feats)
         return out
@@ -255,7 +265,7 @@ class AnomalyMoE(nn.Module):
             per = global_loss(go.ae, go.student, out.global_target[go.idx])
             l_global = l_global + (w * per).sum() / b
         l_comp = zero
-        n_comp = max(1, out.comp_feats.shape[0])
+        n_comp = max(1, int(out.comp_valid.sum()) if out.comp_valid is not None else out.comp_feats.shape[0])
         for j, co in out.component.items():
             w = r.weights[out.comp_owner[co.cidx], sl["component"].start + j]
             per = component_loss(co.recon, out.comp_feats[co.cidx])
@@ -268,12 +278,31 @@ class AnomalyMoE(nn.Module):
                 "component": l_comp.detach(), "eir": eir.detach(), **{k: v.detach() for k, v in esb.items()}}
 
     # ----------------------------------------------------------------------------------------------
-    def level_maps(self, out: MoEOutput, size: int) -> tuple[dict[str, Tensor], Tensor]:
+    def component_scores(self, out: MoEOutput) -> tuple[Tensor, Tensor]:
+        """Per component row (all images' slots, concatenated): the routing-weighted mean of the selected
+        experts' 1 - cos, and whether the image's component level was routed at all. An empty slot
+        (a missing part) scores MISSING_PART_SCORE, the value of 1 - cos against a zero feature."""
+        r, sl = out.routing, out.routing.level_slices
+        k = out.comp_feats.shape[0]
+        s, mass = out.comp_feats.new_zeros(k), out.comp_feats.new_zeros(k)
+        for j, co in out.component.items():
+            wj = r.weights[out.comp_owner[co.cidx], sl["component"].start + j]
+            s.index_add_(0, co.cidx, wj * component_loss(co.recon, out.comp_feats[co.cidx]))
+            mass.index_add_(0, co.cidx, wj)
+        valid = out.comp_valid if out.comp_valid is not None else torch.ones(k, dtype=torch.bool, device=s.device)
+        routed = r.mask[out.comp_owner][:, sl["component"]].any(1) if k else valid
+        s = torch.where(valid, s / mass.clamp_min(1e-12), torch.full_like(s, MISSING_PART_SCORE))
+        return s, routed & ((mass > 0) | ~valid)
+
+    def level_maps(self, out: MoEOutput, size: int, slot_norm: Tensor | None = None
+                   ) -> tuple[dict[str, Tensor], Tensor]:
         """Raw per-level anomaly maps [B, size, size] and a [B, 3] bool of which levels the router used.
 
         Inside a level, the map is the routing-weighted mean of the selected experts' maps (weights
         renormalised within the level), so a level's scale does not depend on how much routing mass it
-        got; how levels are combined is the scoring config's explicit fusion rule (METHOD.md §5 #8)."""
+        got; how levels are combined is the scoring config's explicit fusion rule (METHOD.md §5 #8).
+        slot_norm: [K, 2] (low, high) per component row; component scores become (s - low) / (high - low),
+        clamped at 0, before they are painted (Calibration.slot_rows)."""
         r, sl, b = out.routing, out.routing.level_slices, out.batch_size
         h, w = out.grid
         ref = out.en_groups[0]
@@ -297,17 +326,14 @@ class AnomalyMoE(nn.Module):
             m = accumulate(level, items)
             maps[level] = F.interpolate(m[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
 
-        # Component level: score per component painted into its mask, max over components.
+        # Component level: score per component painted into its mask, max over components. A missing part
+        # has no pixels of its own: its score covers the whole image (the absence is the anomaly).
         comp_map = ref.new_zeros(b, size, size)
-        if out.component:
-            k = out.comp_feats.shape[0]
-            s, mass = ref.new_zeros(k), ref.new_zeros(k)
-            for j, co in out.component.items():
-                wj = r.weights[out.comp_owner[co.cidx], sl["component"].start + j]
-                s.index_add_(0, co.cidx, wj * component_loss(co.recon, out.comp_feats[co.cidx]))
-                mass.index_add_(0, co.cidx, wj)
-            used = mass > 0
-            s = s / mass.clamp_min(1e-12)
+        if out.comp_feats.shape[0]:
+            s, used = self.component_scores(out)
+            valid = out.comp_valid if out.comp_valid is not None else torch.ones_like(used)
+            if slot_norm is not None:
+                s = self._normalize_slots(s, valid, slot_norm).clamp_min(0)
             start = 0
             for bi, m in enumerate(out.masks):
                 n = 0 if m is None else m.shape[0]
@@ -318,10 +344,20 @@ class AnomalyMoE(nn.Module):
                 if not used[rows].any():
                     continue
                 mk = F.interpolate(m[:, None].to(ref.dtype), size=(size, size), mode="nearest")[:, 0]
+                mk[~valid[rows]] = 1.0
                 comp_map[bi] = (s[rows, None, None] * mk * used[rows, None, None]).amax(0)
                 present[bi, LEVELS.index("component")] = True
         maps["component"] = comp_map
         return maps, present
+
+    def _normalize_slots(self, s: Tensor, valid: Tensor, slot_norm: Tensor) -> Tensor:
+        """(s - low) / (high - low) per row; a missing slot that normal images do not reliably have
+        (presence below missing_part_min_presence) is segmentation noise and scores 0."""
+        sc = self.cfg.scoring
+        z = (s - slot_norm[:, 0]) / (slot_norm[:, 1] - slot_norm[:, 0]).clamp_min(1e-12)
+        z = torch.where(valid, z, z.clamp_min(sc.missing_part_score))
+        unreliable = ~valid & (slot_norm[:, 2] < sc.missing_part_min_presence)
+        return torch.where(unreliable, torch.zeros_like(z), z)
 
     def level_mass(self, routing: Routing) -> Tensor:
         """[B, 3] routing mass per level (used by the `routing` fusion rule and for explanations)."""
@@ -339,7 +375,10 @@ class AnomalyMoE(nn.Module):
             sc = self.cfg.scoring
             size = sc.map_size or images.shape[-1]
             out = self(images, masks, compute_targets=False)
-            raw, present = self.level_maps(out, size)
+            counts = [0 if m is None else m.shape[0] for m in out.masks]
+            cats = categories or [None] * images.shape[0]
+            slot_norm = cal.slot_rows(cats, counts) if sc.component_slot_norm else None
+            raw, present = self.level_maps(out, size, slot_norm)
             mass = self.level_mass(out.routing)
             fused = smooth(fuse(raw, present, mass, cal, sc), sc.smooth_kernel, sc.smooth_sigma)
             score = top_ratio_score(fused, sc.top_ratio)
@@ -347,29 +386,39 @@ class AnomalyMoE(nn.Module):
                 [torch.where(present[:, i], top_ratio_score(cal.levels.get(lv, LevelNorm()).apply(raw[lv]),
                                                             sc.top_ratio), torch.nan)
                  for i, lv in enumerate(LEVELS)], 1)
-            cats = categories or [None] * images.shape[0]
             norms = [cal.for_category(c) for c in cats]
             normalized = torch.tensor(
                 [n.normalize(float(s)) if n else math.nan for n, s in zip(norms, score, strict=True)])
             threshold = torch.tensor([n.threshold if n else math.nan for n in norms])
+            comp_scores = self.component_scores(out)[0]
+            if slot_norm is not None:
+                comp_scores = self._normalize_slots(comp_scores, out.comp_valid, slot_norm)
             return Prediction(score.cpu(), normalized, threshold, fused.cpu(), {k: v.cpu() for k, v in raw.items()},
-                              present.cpu(), level_scores.cpu(), out.routing, mass.cpu())
+                              present.cpu(), level_scores.cpu(), out.routing, mass.cpu(),
+                              list(comp_scores.cpu().split(counts)))
         finally:
             self.train(was_training)
 
     @torch.no_grad()
-    def fit_calibration(self, batches: Iterable[tuple[Tensor, list | None, list[str | None]]]) -> Calibration:
-        """Fit level and score normalisation on *normal* images (never the test split).
-        batches yield (images, masks, categories). Level maps are kept in float16 between the two fits,
-        so memory grows with the calibration set (a few hundred images), not with the data."""
+    def fit_calibration(self, batches: Iterable[tuple[Tensor, list | None, list[str | None]]]
+                        | Callable[[], Iterable[tuple[Tensor, list | None, list[str | None]]]]) -> Calibration:
+        """Fit component-slot, level and score normalisation on *normal* images (never the test split).
+        batches yield (images, masks, categories); pass a zero-argument callable to stream them twice
+        (slot statistics first), else they are held in memory. Level maps are kept in float16 between
+        the level and score fits, so memory grows with the calibration set, not with the data."""
         sc = self.cfg.scoring
+        if not callable(batches):
+            batches = (lambda held: (lambda: held))(list(batches))
+        slots = Calibration()
+        if sc.component_slot_norm and self.cfg.component.num:
+            slots.components = fit_slot_norms(self._slot_scores(batches()), sc)
         kept = []
-        for images, masks, cats in batches:
-            p = self.predict(images, masks, cats, Calibration())
+        for images, masks, cats in batches():
+            p = self.predict(images, masks, cats, slots)
             kept.append((p.level_maps, p.present, p.level_mass,
                          list(cats) if cats else [None] * images.shape[0]))
         levels = fit_level_norms(((({k: v.float() for k, v in m.items()}), pr) for m, pr, _, _ in kept), sc)
-        cal = Calibration(levels=levels)
+        cal = Calibration(levels=levels, components=slots.components)
         by_cat: dict[str, list[float]] = {}
         for m, pr, mass, cats in kept:
             fused = smooth(fuse({k: v.float() for k, v in m.items()}, pr, mass, cal, sc), sc.smooth_kernel,
@@ -379,6 +428,37 @@ class AnomalyMoE(nn.Module):
         cal.scores = fit_score_norms(by_cat, sc)
         self.calibration = cal
         return cal
+
+
+    @torch.no_grad()
+    def _slot_scores(self, batches: Iterable[tuple[Tensor, list | None, list[str | None]]]
+                     ) -> dict[str, list[SlotStats]]:
+        """Per category and slot index: raw scores of the routed, present slots, and how often the slot
+        was routed and present."""
+        was_training = self.training
+        self.eval()
+        by_cat: dict[str, list[SlotStats]] = {}
+        try:
+            for images, masks, cats in batches:
+                out = self(images, masks, compute_targets=False)
+                s, used = self.component_scores(out)
+                s, used, valid = s.tolist(), used.tolist(), out.comp_valid.tolist()
+                start = 0
+                for m, c in zip(out.masks, cats or [None] * images.shape[0], strict=True):
+                    n = 0 if m is None else m.shape[0]
+                    per = by_cat.setdefault(c or DEFAULT_KEY, [])
+                    per.extend(SlotStats() for _ in range(n - len(per)))
+                    for i in range(n):
+                        r = start + i
+                        if used[r]:
+                            per[i].seen += 1
+                            per[i].present += valid[r]
+                            if valid[r]:
+                                per[i].scores.append(s[r])
+                    start += n
+        finally:
+            self.train(was_training)
+        return by_cat
 
 
 @dataclass
@@ -392,6 +472,9 @@ class Prediction:
     level_scores: Tensor  # [B, 3] top-1% mean of each calibrated level map (NaN where unused)
     routing: Routing
     level_mass: Tensor  # [B, 3]
+    # per image: one score per component slot (slot-normalised once calibrated: 0 = median normal, 1 = its
+    # high quantile); an empty slot (missing part) scores high
+    component_scores: list[Tensor] = field(default_factory=list)
 
     @property
     def is_anomaly(self) -> Tensor:

@@ -30,6 +30,15 @@ class LevelNorm:
 
 
 @dataclass
+class SlotNorm(LevelNorm):
+    """A component slot's normal score range, and the share of normal images in which the slot is present.
+    Only a slot present in enough of them (ScoringConfig.missing_part_min_presence) counts as missing when
+    an image lacks it; a slot that normal images sometimes lack is segmentation noise, not a part."""
+
+    presence: float = 1.0
+
+
+@dataclass
 class ScoreNorm:
     """Image-score normalisation per category: 0 = the median normal image, 1 = the threshold."""
 
@@ -45,6 +54,8 @@ class ScoreNorm:
 class Calibration:
     levels: dict[str, LevelNorm] = field(default_factory=dict)
     scores: dict[str, ScoreNorm] = field(default_factory=dict)
+    # per category: one LevelNorm per component slot (kept cluster), low = median, high = a high quantile
+    components: dict[str, list[SlotNorm]] = field(default_factory=dict)
 
     @property
     def fitted(self) -> bool:
@@ -53,10 +64,24 @@ class Calibration:
     def for_category(self, category: str | None) -> ScoreNorm | None:
         return self.scores.get(category or DEFAULT_KEY) or self.scores.get(DEFAULT_KEY)
 
+    def slot_rows(self, categories: list[str | None], counts: list[int]) -> Tensor | None:
+        """[sum counts, 3] (low, high, presence) for every component row of a batch (image b has counts[b]
+        slots); identity for slots the calibration never saw. None when there are no slot statistics."""
+        if not self.components:
+            return None
+        rows = []
+        for c, n in zip(categories, counts, strict=True):
+            norms = self.components.get(c or DEFAULT_KEY, [])
+            rows += [(norms[i].low, norms[i].high, norms[i].presence) if i < len(norms) else (0.0, 1.0, 1.0)
+                     for i in range(n)]
+        return torch.tensor(rows, dtype=torch.float32).reshape(-1, 3)
+
     def to_dict(self) -> dict:
         return {
             "levels": {k: {"low": v.low, "high": v.high} for k, v in self.levels.items()},
             "scores": {k: {"median": v.median, "threshold": v.threshold, "n": v.n} for k, v in self.scores.items()},
+            "components": {k: [{"low": n.low, "high": n.high, "presence": n.presence} for n in v]
+                           for k, v in self.components.items()},
         }
 
     @classmethod
@@ -65,6 +90,8 @@ class Calibration:
             levels={k: LevelNorm(float(v["low"]), float(v["high"])) for k, v in d.get("levels", {}).items()},
             scores={k: ScoreNorm(float(v["median"]), float(v["threshold"]), int(v["n"]))
                     for k, v in d.get("scores", {}).items()},
+            components={k: [SlotNorm(float(n["low"]), float(n["high"]), float(n.get("presence", 1.0))) for n in v]
+                        for k, v in d.get("components", {}).items()},
         )
 
 
@@ -165,4 +192,34 @@ def fit_score_norms(scores_by_category: dict[str, list[float]], cfg: ScoringConf
             continue
         a = np.asarray(vals, dtype=np.float64)
         out[key] = ScoreNorm(float(np.median(a)), float(np.quantile(a, cfg.threshold_quantile)), int(a.size))
+    return out
+
+
+@dataclass
+class SlotStats:
+    """What calibration collects per category and slot: scores of the present slot, and in how many
+    images the slot was looked at (routed) and present."""
+
+    scores: list[float] = field(default_factory=list)
+    seen: int = 0
+    present: int = 0
+
+
+def fit_slot_norms(stats: dict[str, list[SlotStats]], cfg: ScoringConfig) -> dict[str, list[SlotNorm]]:
+    """Per category and component slot: low = median of normal scores, high = their threshold quantile,
+    presence = share of normal images that have the slot. The spread is at least 10% of the median, so a
+    slot seen on few images cannot blow up. A slot with no normal score keeps the identity."""
+    out = {}
+    for key, slots in stats.items():
+        norms = []
+        for st in slots:
+            presence = st.present / st.seen if st.seen else 0.0
+            if not st.scores:
+                norms.append(SlotNorm(presence=presence))
+                continue
+            a = np.asarray(st.scores, dtype=np.float64)
+            lo = float(np.median(a))
+            spread = max(float(np.quantile(a, cfg.threshold_quantile)) - lo, 0.1 * abs(lo), 1e-6)
+            norms.append(SlotNorm(lo, lo + spread, presence))
+        out[key] = norms
     return out

@@ -145,9 +145,10 @@ class ClusterStats:
         return keep or [int(np.argmin(frac_border))]
 
 
-def component_masks(labels: Tensor | np.ndarray, kept: list[int], drop_empty: bool = True) -> Tensor:
-    """[S, S] label map (1..k) -> [K, S, S] bool masks, one per kept cluster (empty ones dropped: an empty
-    mask carries no part, and its zero feature would only add noise to the component experts)."""
+def component_masks(labels: Tensor | np.ndarray, kept: list[int], drop_empty: bool = False) -> Tensor:
+    """[S, S] label map (1..k) -> [K, S, S] bool masks, one per kept cluster in kept order. Empty masks stay
+    by default: row i is always cluster kept[i] (the model's component slot i), and an empty slot is a
+    missing part, which the model scores as an anomaly."""
     lab = torch.as_tensor(np.array(labels))  # a copy: PIL arrays are read-only
     masks = torch.stack([lab == j + 1 for j in kept]) if kept else torch.zeros(0, *lab.shape, dtype=torch.bool)
     if drop_empty and masks.numel():

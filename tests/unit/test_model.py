@@ -1,6 +1,7 @@
 """AnomalyMoE model parts on a seeded tiny random ViT (seconds, no servers)."""
 
 import copy
+import statistics
 
 import pytest
 import torch
@@ -197,11 +198,16 @@ def test_joint_router_topk(model):
 def test_component_features_any_count():
     fmap = torch.randn(3, 4, 4, 4)
     masks = [torch.ones(2, 16, 16), None, torch.zeros(0, 16, 16)]
-    feats, owner = component_features(fmap, masks, dilation=1)
-    assert feats.shape == (2, 4) and owner.tolist() == [0, 0]
+    feats, owner, valid = component_features(fmap, masks, dilation=1)
+    assert feats.shape == (2, 4) and owner.tolist() == [0, 0] and valid.tolist() == [True, True]
     assert torch.allclose(feats[0], fmap[0].mean((1, 2)), atol=1e-6)
-    empty, own = component_features(fmap, [None, None, None], 5)
-    assert empty.shape == (0, 4) and own.numel() == 0
+    empty, own, val = component_features(fmap, [None, None, None], 5)
+    assert empty.shape == (0, 4) and own.numel() == 0 and val.numel() == 0
+    # an empty slot stays a row (slot identity) with a zero feature, flagged invalid
+    slots = torch.zeros(2, 16, 16)
+    slots[0, :8] = 1
+    f2, _, v2 = component_features(fmap, [slots, None, None], dilation=1)
+    assert v2.tolist() == [True, False] and (f2[1] == 0).all()
 
 
 def test_linear_attention_eps_prevents_nan():
@@ -270,3 +276,116 @@ def test_hard_mining_p_warmup():
     assert hard_mining_p(0, 0.9, 1000) == 0.0  # Dinomaly: ramp from 0
     assert hard_mining_p(500, 0.9, 1000) == pytest.approx(0.45)
     assert hard_mining_p(5000, 0.9, 1000) == 0.9
+
+
+def _slot_model(tiny_cfg) -> AnomalyMoE:
+    cfg = tiny_cfg.model_copy(update={"router": RouterConfig(hidden=32, mode="per_level", top_k_per_level=1)})
+    torch.manual_seed(0)
+    return AnomalyMoE(cfg).eval()
+
+
+def _slot_masks(n: int, size: int = 56, empty_second: bool = False) -> list[torch.Tensor]:
+    """Two part slots per image: a left box and a right box (the right one optionally missing)."""
+    out = []
+    for _ in range(n):
+        m = torch.zeros(2, size, size, dtype=torch.bool)
+        m[0, 10:30, 5:20] = True
+        if not empty_second:
+            m[1, 10:30, 35:50] = True
+        out.append(m)
+    return out
+
+
+def test_missing_part_scores_high_over_the_whole_image(tiny_cfg):
+    """An empty slot is a missing part: it is never fed to an expert, scores MISSING_PART_SCORE, and since the
+    absence has no pixels its score covers the whole component map (a present part only covers its mask)."""
+    from anomalymoe.models.anomalymoe import MISSING_PART_SCORE
+
+    m = _slot_model(tiny_cfg)
+    images = torch.rand(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    masks = [_slot_masks(1)[0], _slot_masks(1, empty_second=True)[0]]
+    out = m(images, masks, compute_targets=False)
+    assert out.comp_valid.tolist() == [True, True, True, False]
+    assert all(3 not in co.cidx.tolist() for co in out.component.values())  # no expert saw the empty slot
+    scores, used = m.component_scores(out)
+    assert used.all() and scores[3] == MISSING_PART_SCORE
+    assert (scores[:3] != MISSING_PART_SCORE).all()
+    maps, present = m.level_maps(out, 56)
+    comp = maps["component"]
+    assert present[:, 2].all()
+    assert (comp[0][~(masks[0].any(0))] == 0).all()  # complete image: nothing outside its parts
+    assert (comp[1] >= MISSING_PART_SCORE).all()  # missing part: everywhere
+    p = m.predict(images, masks)
+    assert [t.shape[0] for t in p.component_scores] == [2, 2]
+    assert p.component_scores[1][1] == MISSING_PART_SCORE
+
+
+def test_component_slots_are_normalised_per_category_on_normal_images(tiny_cfg):
+    m = _slot_model(tiny_cfg)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.rand(4, 3, 56, 56, generator=g), _slot_masks(4), ["a", "a", "b", "b"]) for _ in range(2)]
+    raw = {"a": [[], []], "b": [[], []]}
+    for images, masks, cats in batches:
+        with torch.no_grad():
+            s, _ = m.component_scores(m(images, masks, compute_targets=False))
+        for i, c in enumerate(cats):
+            raw[c][0].append(float(s[2 * i]))
+            raw[c][1].append(float(s[2 * i + 1]))
+    streamed = m.fit_calibration(lambda: iter(batches))  # a callable is streamed twice
+    held = m.fit_calibration(batches)  # an iterable is held in memory: same result
+    assert streamed == held
+    cal = m.calibration
+    assert set(cal.components) == {"a", "b"} and all(len(v) == 2 for v in cal.components.values())
+    for c in ("a", "b"):
+        for slot in (0, 1):
+            norm = cal.components[c][slot]
+            assert norm.low == pytest.approx(statistics.median(raw[c][slot]), rel=1e-5)
+            assert norm.high > norm.low
+    # predict reports slot-normalised scores: (raw - low) / (high - low)
+    images, masks, cats = batches[0]
+    p = m.predict(images, masks, cats)
+    with torch.no_grad():
+        s, _ = m.component_scores(m(images, masks, compute_targets=False))
+    for i, c in enumerate(cats):
+        for slot in (0, 1):
+            n = cal.components[c][slot]
+            want = (float(s[2 * i + slot]) - n.low) / (n.high - n.low)
+            assert float(p.component_scores[i][slot]) == pytest.approx(want, rel=1e-4, abs=1e-5)
+    # switching slot normalisation off gives raw scores again
+    m.cfg.scoring.component_slot_norm = False
+    assert torch.allclose(m.predict(images, masks, cats).component_scores[0], s[:2])
+
+
+def test_missing_part_counts_only_for_slots_normal_images_always_have(tiny_cfg):
+    """Calibration records how often each slot is present on normal images. A slot every normal image has
+    scores high when missing; a slot that normal images sometimes lack (segmentation noise) scores 0."""
+    m = _slot_model(tiny_cfg)
+    g = torch.Generator().manual_seed(2)
+    images = torch.rand(6, 3, 56, 56, generator=g)
+    always = _slot_masks(6)
+    flaky = _slot_masks(3) + _slot_masks(3, empty_second=True)  # slot 1 absent from half the normal images
+    test_img = torch.rand(1, 3, 56, 56, generator=g)
+    lacking = _slot_masks(1, empty_second=True)
+
+    m.fit_calibration([(images, always, ["a"] * 6)])
+    assert [n.presence for n in m.calibration.components["a"]] == [1.0, 1.0]
+    reliable = m.predict(test_img, lacking, ["a"]).component_scores[0][1]
+    assert reliable >= m.cfg.scoring.missing_part_score  # far above the slot's normal range (high = 1)
+
+    m.fit_calibration([(images, flaky, ["a"] * 6)])
+    assert [n.presence for n in m.calibration.components["a"]] == [1.0, 0.5]
+    p = m.predict(test_img, lacking, ["a"])
+    assert p.component_scores[0][1] == 0.0
+    assert m.calibration.to_dict()["components"]["a"][1]["presence"] == 0.5
+
+
+def test_lr_scale_per_parameter_group(model):
+    images, masks = _batch()
+    tr = Trainer(model, TrainConfig(steps=10, batch_size=6, lr=1e-3, warmup_steps=0,
+                                    lr_scale={"component": 2.5, "router": 0.5}))
+    tr.step(images, masks)
+    lrs = {g["name"]: g["lr"] for g in tr.opt.param_groups}
+    assert lrs["component"] == pytest.approx(2.5 * lrs["patch"]) and lrs["router"] == pytest.approx(0.5 * lrs["patch"])
+    assert lrs["global"] == lrs["patch"]
+    with pytest.raises(ValueError, match="lr_scale"):
+        TrainConfig(lr_scale={"decoder": 2.0})

@@ -141,8 +141,9 @@ def test_load_rows_images_and_component_masks(tmp_path):
         assert torch.equal(images[i], torch.from_numpy(a.astype(np.float32) / 255.0).permute(2, 0, 1))
     assert masks[1] is None and masks[2] is None
     m = masks[0]
-    assert m.dtype == torch.bool and m.shape == (2, s, s)  # kept 1, 2, 3; cluster 2 empty -> dropped
-    assert torch.equal(m[0], torch.from_numpy(lab == 2)) and torch.equal(m[1], torch.from_numpy(lab == 4))
+    assert m.dtype == torch.bool and m.shape == (3, s, s)  # kept 1, 2, 3: one slot each, in kept order
+    assert torch.equal(m[0], torch.from_numpy(lab == 2)) and torch.equal(m[2], torch.from_numpy(lab == 4))
+    assert not m[1].any()  # cluster 2 is absent from this image: an empty slot (a missing part)
     # a different model size: images resized, label map resized nearest (values stay labels, masks stay exact)
     images2, masks2 = load_rows(rows.iloc[:1], 2 * s, kept={"objects/cat": [1, 3]})
     assert images2.shape == (1, 3, 2 * s, 2 * s)

@@ -159,9 +159,10 @@ def test_cluster_stats_votes_border_cluster_as_background():
 def test_component_masks_and_best_match_iou():
     lab = np.array([[1, 1, 3], [1, 3, 3], [1, 1, 1]], dtype=np.uint8)
     m = component_masks(lab, [0, 1, 2])
-    assert m.shape == (2, 3, 3) and m.dtype == torch.bool  # cluster 1 (value 2) is empty -> dropped
-    assert torch.equal(m[0], torch.from_numpy(lab == 1)) and torch.equal(m[1], torch.from_numpy(lab == 3))
-    assert component_masks(lab, [0, 1, 2], drop_empty=False).shape == (3, 3, 3)
+    assert m.shape == (3, 3, 3) and m.dtype == torch.bool  # slot i is always kept cluster i
+    assert torch.equal(m[0], torch.from_numpy(lab == 1)) and torch.equal(m[2], torch.from_numpy(lab == 3))
+    assert not m[1].any()  # cluster 1 (value 2) is absent: an empty slot, not a dropped one
+    assert component_masks(lab, [0, 1, 2], drop_empty=True).shape == (2, 3, 3)
     assert component_masks(lab, []).shape == (0, 3, 3)
     gt = (lab == 3).astype(np.uint8)[None] * 7  # part type 7 where cluster 2 is
     assert best_match_iou(lab[None], gt, [0, 2]) == {7: 1.0}
