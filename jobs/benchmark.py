@@ -172,6 +172,7 @@ def bench_ablation(args) -> dict:
                        kept=kept if name == "full" else None, out_dir=args.out / name if args.out else None)
         if args.out:
             save_artifact(model, args.out / name / "model", metrics=rep["mean"])
+            results[name + "_levels"] = level_aurocs(args.out / name / "scores.csv")
         dom = rep["domains"]["objects"]
         results[name] = {"train_s": train_s, "image_auroc": dom["image_auroc"], "pixel_auroc": dom["pixel_auroc"],
                          **{f"{g}_image_auroc": v["image_auroc"] for g, v in dom["groups"].items()},
@@ -192,13 +193,41 @@ def bench_ablation(args) -> dict:
     }
 
 
+def level_aurocs(scores_csv: Path) -> dict[str, dict[str, float]]:
+    """Image AUROC of each level's own score (top 1% of its calibrated map) per defect group vs the normal
+    images, mean over categories: which level carries the detection."""
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    d = pd.read_csv(scores_csv)
+    out: dict[str, dict[str, float]] = {}
+    for group in sorted(g for g in d["defect_group"].dropna().unique() if g):
+        per_level = {}
+        for lv in ("score", *(f"level_{x}" for x in LEVELS)):
+            vals = []
+            for _, c in d.groupby("category"):
+                sel = c[(c["label"] == 0) | (c["defect_group"] == group)]
+                s = sel[lv]
+                if sel["label"].nunique() == 2 and s.notna().all():
+                    vals.append(roc_auc_score(sel["label"], s))
+            per_level[lv.removeprefix("level_")] = float(statistics.mean(vals)) if vals else float("nan")
+        out[group] = per_level
+    return out
+
+
 def ablation_table(res: dict) -> str:
     keys = ["image_auroc", "logical_image_auroc", "component_image_auroc", "pixel_auroc", "train_s"]
     lines = ["variant     " + "  ".join(k.rjust(22) for k in keys)]
     for name, r in res["results"].items():
+        if name.endswith("_levels"):
+            continue
         lines.append(name.ljust(12) + "  ".join(f"{r.get(k, float('nan')):22.3f}" for k in keys))
     lines.append(f"logical image AUROC gain (full - patch only): {res['logical_image_auroc_gain']:+.3f}")
     lines.append(f"component image AUROC gain (full - patch only): {res['component_image_auroc_gain']:+.3f}")
+    for name in ("full_levels", "patch_only_levels"):
+        for group, lv in res["results"].get(name, {}).items():
+            lines.append(f"{name.removesuffix('_levels')} {group}: image AUROC by level "
+                         + ", ".join(f"{k} {v:.3f}" for k, v in lv.items()))
     return "\n".join(lines)
 
 

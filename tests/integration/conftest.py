@@ -91,4 +91,30 @@ def s3_prefix(s3: S3Fixture, request: pytest.FixtureRequest) -> str:
     return s3.uri(f"{name}-{uuid.uuid4().hex[:8]}/")
 
 
-# ------------------------------------------------------------------------------------------------ (next: Ray, MLflow)
+# ------------------------------------------------------------------------------------------------ MLflow
+MLFLOW_ARTIFACT_BUCKET = "mlflow-test"
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3: S3Fixture, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real MLflow server (sqlite backend, artifacts proxied into SeaweedFS) for the session."""
+    from anomalymoe.platform.local_mlflow import LocalMLflow
+
+    s3.server.create_bucket(MLFLOW_ARTIFACT_BUCKET)
+    server = LocalMLflow(tmp_path_factory.mktemp("mlflow"), artifacts=f"s3://{MLFLOW_ARTIFACT_BUCKET}/artifacts",
+                         s3_env=s3.env(), tie_to_parent=True)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def mlflow_uri(mlflow_server: Any, monkeypatch: pytest.MonkeyPatch) -> str:
+    """MLFLOW_TRACKING_URI points at the session's server during the test."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    return mlflow_server.uri
+
+
+# ------------------------------------------------------------------------------------------------ (next: Ray)
