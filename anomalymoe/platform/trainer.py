@@ -76,8 +76,11 @@ def color_jitter(images: Tensor, strength: float, generator: torch.Generator | N
 
 
 class Trainer:
-    def __init__(self, model: AnomalyMoE, cfg: TrainConfig, reference_mode: bool = False):
-        self.model, self.cfg, self.reference_mode = model, cfg, reference_mode
+    def __init__(self, model: AnomalyMoE, cfg: TrainConfig, reference_mode: bool = False,
+                 grad_sync: Callable[[list[torch.nn.Parameter]], None] | None = None):
+        """grad_sync: called on the parameters after each backward, before clipping (data-parallel training
+        passes distributed.average_gradients)."""
+        self.model, self.cfg, self.reference_mode, self.grad_sync = model, cfg, reference_mode, grad_sync
         groups = [
             {"params": [p for p in model.patch_experts.parameters()], "name": "patch"},
             {"params": [p for p in model.global_experts.parameters()], "name": "global"},
@@ -99,6 +102,8 @@ class Trainer:
         t1 = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
+        if self.grad_sync is not None:
+            self.grad_sync(m.expert_parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(m.expert_parameters(), cfg.grad_clip)
         t2 = time.perf_counter()
         lr = warm_cosine_lr(self.step_num, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.final_lr_ratio)
@@ -114,6 +119,8 @@ class Trainer:
             self.est_opt.zero_grad(set_to_none=True)
             est_loss = m.mi_estimator.learning_loss(pairs)
             est_loss.backward()
+            if self.grad_sync is not None:
+                self.grad_sync(list(m.mi_estimator.parameters()))
             torch.nn.utils.clip_grad_norm_(m.mi_estimator.parameters(), cfg.grad_clip)
             self.est_opt.step()
             est = float(est_loss.detach())

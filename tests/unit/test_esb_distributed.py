@@ -51,3 +51,30 @@ def test_esb_statistics_are_global_across_ranks():
         assert grad > 0
     per_rank = esb_loss(logits[0], masks[0], 1.0, 1.0, 0.0)
     assert abs(float(per_rank["esb_load"]) - float(expected["esb_load"])) > 1e-3  # the all-reduce mattered
+
+
+def _grad_worker(rank: int, world: int, port: int, out) -> None:
+    from anomalymoe.platform.distributed import average_gradients
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        shared, only0, nobody = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+        shared.grad = torch.full((3,), float(rank + 1))  # 1 on rank 0, 2 on rank 1
+        if rank == 0:
+            only0.grad = torch.full((3,), 4.0)  # an expert routed to on rank 0 only
+        average_gradients([shared, only0, nobody], bucket_elements=4)  # several buckets
+        out[rank] = (shared.grad.tolist(), only0.grad.tolist(), nobody.grad)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gradients_are_averaged_for_sparse_experts():
+    """Mean over ranks; a rank without a gradient contributes zeros; a parameter nobody used keeps None."""
+    out = mp.Manager().dict()
+    mp.spawn(_grad_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    for rank in range(2):
+        shared, only0, nobody = out[rank]
+        assert shared == [1.5, 1.5, 1.5]
+        assert only0 == [2.0, 2.0, 2.0]  # (4 + 0) / 2: the global-batch mean of a per-sample-summed loss
+        assert nobody is None  # the optimiser skips it, as in single-process training
