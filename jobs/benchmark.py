@@ -158,6 +158,8 @@ def bench_ablation(args) -> dict:
     variants["patch_only"] = patch_only
     results = {}
     for name, cfg in variants.items():
+        if name not in args.variants:
+            continue
         seed_everything(args.seed)
         model = AnomalyMoE(cfg.model_copy(deep=True))
         if name == "full":
@@ -177,7 +179,7 @@ def bench_ablation(args) -> dict:
         results[name] = {"train_s": train_s, "image_auroc": dom["image_auroc"], "pixel_auroc": dom["pixel_auroc"],
                          **{f"{g}_image_auroc": v["image_auroc"] for g, v in dom["groups"].items()},
                          **{f"{g}_pixel_auroc": v["pixel_auroc"] for g, v in dom["groups"].items()}}
-    full, po = results["full"], results["patch_only"]
+    full, po = results.get("full", {}), results.get("patch_only", {})
     return {
         "benchmark": "ablation", "domain": "objects",
         "config": {"preset": args.preset, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
@@ -276,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--json", action="store_true")
     a.add_argument("--out", type=Path, help="write per-variant evaluation reports and model artifacts here")
+    a.add_argument("--variants", type=lambda s: s.split(","), default=["full", "patch_only"],
+                   help="comma-separated subset of full,patch_only (default both; the gains need both)")
     args = ap.parse_args(argv)
     if args.which == "ablation":
         res = bench_ablation(args)

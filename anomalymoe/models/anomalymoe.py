@@ -112,11 +112,13 @@ class AnomalyMoE(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """Reference init: trunc-normal(0.01) Linear weights in experts and gate, zero bias; convs default."""
-        mods = [self.patch_experts, self.router]
-        if self.cfg.component.init == "reference":
-            mods.append(self.component_experts)
-        for mod in mods:
+        """Reference init: trunc-normal(0.01) Linear weights in experts and gate, zero bias; convs default.
+        With component.init="pytorch" the component experts keep their construction-time (Kaiming-uniform)
+        init, but the same random numbers are drawn: the choice changes nothing else (the router's init, and
+        with it the routing of a short run, stays the same)."""
+        keep = ({k: v.clone() for k, v in self.component_experts.state_dict().items()}
+                if self.cfg.component.init != "reference" else None)
+        for mod in [self.patch_experts, self.component_experts, self.router]:
             for m in mod.modules():
                 if isinstance(m, nn.Linear):
                     nn.init.trunc_normal_(m.weight, std=0.01, a=-0.03, b=0.03)
@@ -124,6 +126,8 @@ class AnomalyMoE(nn.Module):
                 elif isinstance(m, nn.LayerNorm):
                     nn.init.ones_(m.weight)
                     nn.init.zeros_(m.bias)
+        if keep is not None:
+            self.component_experts.load_state_dict(keep)
 
     # ----------------------------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, Tensor]:

@@ -97,7 +97,8 @@ def test_manifest_validate_load_and_segment_on_s3(s3, s3_prefix, tmp_path, monke
     _, masks = load_rows(again.head(3), 32, again_kept)
     for m in masks:
         assert m is not None and m.dtype == torch.bool and m.shape[1:] == (32, 32)
-        assert 1 <= m.shape[0] <= len(seg_kept["textures/brick"]) and m.flatten(1).any(1).all()
+        # one mask per kept cluster (slot identity; a slot may be empty in one image), at least one part present
+        assert m.shape[0] == len(seg_kept["textures/brick"]) and m.flatten(1).any(1).any()
 
     # a rerun against S3 does no work: no object is written
     assert len(storage.list_files(comp)) == len(df) + 3

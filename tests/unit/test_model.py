@@ -389,3 +389,22 @@ def test_lr_scale_per_parameter_group(model):
     assert lrs["global"] == lrs["patch"]
     with pytest.raises(ValueError, match="lr_scale"):
         TrainConfig(lr_scale={"decoder": 2.0})
+
+
+def test_component_init_choice_changes_nothing_else(tiny_cfg):
+    """PyTorch-default init for the component MLPs (the default) vs the reference's std-0.01: only the component
+    experts differ; every other module draws the same random numbers."""
+    nets = {}
+    for init in ("pytorch", "reference"):
+        cfg = tiny_cfg.model_copy(deep=True)
+        cfg.component.init = init
+        torch.manual_seed(0)
+        nets[init] = AnomalyMoE(cfg)
+    a, b = (n.state_dict() for n in nets.values())
+    for k in a:
+        if k.startswith("component_experts."):
+            continue
+        assert torch.equal(a[k], b[k]), k
+    w_py = nets["pytorch"].component_experts[0].encoder[0].weight
+    w_ref = nets["reference"].component_experts[0].encoder[0].weight
+    assert w_ref.abs().max() <= 0.03 and w_py.std() > 3 * w_ref.std()
