@@ -77,11 +77,11 @@ class MoEOutput:
     component: dict[int, ComponentOut]
     comp_feats: Tensor  # [K, C]
     comp_owner: Tensor  # [K] image index of each component
+    comp_valid: Tensor  # [K] the component's mask is not empty (else: a missing part)
     masks: list[Tensor | None]
     batch_size: int
     grid: tuple[int, int]
     global_target: Tensor | None = None  # [B, C, h, w] (rows only for samples that need it)
-    comp_valid: Tensor | None = None  # [K] the component's mask is not empty (else: a missing part)
     eir_pairs: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
 
@@ -208,8 +208,8 @@ class AnomalyMoE(nn.Module):
                 if cidx.numel():
                     comp[j] = ComponentOut(cidx, self.component_experts[j](comp_feats[cidx]))
 
-        out = MoEOutput(routing, en_groups, patch, glob, comp, comp_feats, owner, masks, b, feats.grid, target,
-                        comp_valid=valid)
+        out = MoEOutput(routing, en_groups, patch, glob, comp, comp_feats, owner, valid, masks, b, feats.grid,
+                        target)
         if self.training and self.cfg.loss.lambda_eir > 0:
             out.eir_pairs = self._eir_pairs(out, fused_all, ae_norm, feats)
         return out
@@ -269,7 +269,7 @@ class AnomalyMoE(nn.Module):
             per = global_loss(go.ae, go.student, out.global_target[go.idx])
             l_global = l_global + (w * per).sum() / b
         l_comp = zero
-        n_comp = max(1, int(out.comp_valid.sum()) if out.comp_valid is not None else out.comp_feats.shape[0])
+        n_comp = max(1, int(out.comp_valid.sum()))
         for j, co in out.component.items():
             w = r.weights[out.comp_owner[co.cidx], sl["component"].start + j]
             per = component_loss(co.recon, out.comp_feats[co.cidx])
@@ -293,8 +293,8 @@ class AnomalyMoE(nn.Module):
             wj = r.weights[out.comp_owner[co.cidx], sl["component"].start + j]
             s.index_add_(0, co.cidx, wj * component_loss(co.recon, out.comp_feats[co.cidx]))
             mass.index_add_(0, co.cidx, wj)
-        valid = out.comp_valid if out.comp_valid is not None else torch.ones(k, dtype=torch.bool, device=s.device)
-        routed = r.mask[out.comp_owner][:, sl["component"]].any(1) if k else valid
+        valid = out.comp_valid
+        routed = r.mask[out.comp_owner][:, sl["component"]].any(1)
         s = torch.where(valid, s / mass.clamp_min(1e-12), torch.full_like(s, MISSING_PART_SCORE))
         return s, routed & ((mass > 0) | ~valid)
 
@@ -305,8 +305,8 @@ class AnomalyMoE(nn.Module):
         Inside a level, the map is the routing-weighted mean of the selected experts' maps (weights
         renormalised within the level), so a level's scale does not depend on how much routing mass it
         got; how levels are combined is the scoring config's explicit fusion rule (METHOD.md §5 #8).
-        slot_norm: [K, 2] (low, high) per component row; component scores become (s - low) / (high - low),
-        clamped at 0, before they are painted (Calibration.slot_rows)."""
+        slot_norm: [K, 3] (low, high, presence) per component row (Calibration.slot_rows); component scores
+        become (s - low) / (high - low), clamped at 0, before they are painted (see _normalize_slots)."""
         r, sl, b = out.routing, out.routing.level_slices, out.batch_size
         h, w = out.grid
         ref = out.en_groups[0]
@@ -335,7 +335,7 @@ class AnomalyMoE(nn.Module):
         comp_map = ref.new_zeros(b, size, size)
         if out.comp_feats.shape[0]:
             s, used = self.component_scores(out)
-            valid = out.comp_valid if out.comp_valid is not None else torch.ones_like(used)
+            valid = out.comp_valid
             if slot_norm is not None:
                 s = self._normalize_slots(s, valid, slot_norm).clamp_min(0)
             start = 0
