@@ -19,20 +19,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
 from anomalymoe.models.artifact import load_artifact  # noqa: E402
+from anomalymoe.platform import registry  # noqa: E402
 from anomalymoe.platform.data import resolve_data  # noqa: E402
 from anomalymoe.platform.evaluation import evaluate, metrics_table  # noqa: E402
 from anomalymoe.platform.manifest import ManifestError, ensure_valid  # noqa: E402
+from anomalymoe.platform.storage import StorageError  # noqa: E402
 
 
 def resolve_model(uri: str) -> Path:
-    """An artifact directory, or an MLflow registry URI (models:/name@alias) downloaded to a local dir."""
-    if uri.startswith("models:/"):
-        try:
-            import mlflow
-        except ImportError:
-            raise SystemExit(f"--model {uri}: MLflow is not installed in this environment") from None
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
-    p = Path(uri)
+    """An artifact directory (local or s3://), or an MLflow registry URI (models:/name@alias) downloaded."""
+    try:
+        p = registry.download(uri)
+    except (registry.RegistryError, StorageError) as e:
+        raise SystemExit(f"--model {uri}: {e}") from None
     if not p.is_dir():
         raise SystemExit(f"--model {uri}: not an artifact directory (model.safetensors + config.json + "
                          "calibration.json) nor a models:/ URI")

@@ -83,3 +83,15 @@ def test_evaluate_refuses_broken_data_with_one_report(tmp_path):
     assert r2.returncode == 0, r2.stderr[-2000:]
     report = json.loads((tmp_path / "ev" / "report.json").read_text())
     assert report["num_images"] == 2 + 4 - 2  # the two bad rows were dropped, the rest evaluated
+
+
+def test_evaluate_names_a_missing_registry_model(tmp_path):
+    """models:/ that the registry does not hold: one clear line, no traceback."""
+    import os
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    r = subprocess.run([sys.executable, "jobs/evaluate.py", "--model", "models:/anomalymoe-nothing@champion",
+                        "--data", "demo", "--out", str(tmp_path / "ev")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "models:/anomalymoe-nothing@champion" in r.stderr and "cannot fetch" in r.stderr
