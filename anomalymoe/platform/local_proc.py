@@ -118,6 +118,7 @@ class ManagedServer:
         self.port: int | None = None
         self.pid: int | None = None
         self.start_seconds: float | None = None
+        self.info: dict[str, Any] = {}  # what _command chose besides the port (saved in server.json)
         self._proc: subprocess.Popen | None = None
 
     # ---------------------------------------------------------------- to override
@@ -188,6 +189,7 @@ class ManagedServer:
                 raise LocalServerError(f"{self.name} for {self.state_dir} already runs on port {port} (pid {pid}); "
                                        f"stop it before starting on port {self.requested_port}")
             self.pid, self.port = pid, port
+            self.info = {k: v for k, v in self.read_server().items() if k not in ("port", "pid")}
             self._wait(time.monotonic() + self.start_timeout)
             return self
         port = self.requested_port
@@ -209,7 +211,7 @@ class ManagedServer:
                                           close_fds=True)
         self.pid, self.port = self._proc.pid, port
         self.pid_file.write_text(f"{self.pid}\n")
-        self.server_file.write_text(json.dumps({"port": port, "pid": self.pid}, indent=1))
+        self.server_file.write_text(json.dumps({**self.info, "port": port, "pid": self.pid}, indent=1))
         try:
             self._wait(t0 + self.start_timeout)
         except BaseException:

@@ -1,0 +1,36 @@
+"""The local Ray head: a real `ray start --head` on 127.0.0.1 (auth disabled), a real job submitted through its
+job API, a second start attaching, and a stop that leaves none of its processes (without `ray stop`)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from anomalymoe.platform.local_proc import pids_matching
+from anomalymoe.platform.local_ray import LocalRay
+
+pytestmark = pytest.mark.integration
+
+
+def test_head_runs_a_submitted_job_and_stops_cleanly(tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    head = LocalRay(tmp_path / "ray", num_cpus=2, tie_to_parent=True).start()
+    try:
+        again = LocalRay(tmp_path / "ray").start()  # attaches: same process, same addresses
+        assert (again.pid, again.port, again.dashboard) == (head.pid, head.port, head.dashboard)
+        client = JobSubmissionClient(head.dashboard)
+        job = client.submit_job(entrypoint="python -c \"import ray; ray.init(); "
+                                           "print('cpus', ray.cluster_resources()['CPU'])\"")
+        deadline = time.monotonic() + 180
+        while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+            assert time.monotonic() < deadline, client.get_job_logs(job)
+            time.sleep(1)
+        logs = client.get_job_logs(job)
+        assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs
+        assert "cpus 2.0" in logs
+    finally:
+        assert LocalRay(tmp_path / "ray").stop()
+    assert pids_matching(str(head.temp_dir)) == []  # gcs, raylet, dashboard and workers are all gone
+    assert not LocalRay(tmp_path / "ray").status()["running"]
