@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .local_proc import HOST, LocalServerError, ManagedServer, default_state_root
+from .local_proc import HOST, LocalServerError, ManagedServer, default_state_root, run_cli
 
 DEFAULT_PORT = 5000
 # Server-side S3 settings it must not inherit from the caller unless we set them (artifacts go where we say).
@@ -95,31 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                         "default: a folder in the state dir")
     a = p.parse_args(argv)
     s3_env = {k: os.environ[k] for k in _S3_ENV if k in os.environ and k != "MLFLOW_S3_ENDPOINT_URL"}
-    try:
-        server = LocalMLflow(a.state_dir, a.port, artifacts=a.artifacts, s3_env=s3_env)
-        if a.command == "start":
-            already = server.running_pid()
-            server.start()
-            server.detach()
-            how = "already running" if already else f"started in {server.start_seconds:.1f} s"
-            print(f"MLflow at {server.uri} ({how}, pid {server.pid}); db {server.db}, log {server.log_file}")
-            return 0
-        if a.command == "stop":
-            print("stopped" if server.stop() else f"not running ({server.state_dir})")
-            return 0
-        st = server.status()
-        if a.command == "status":
-            print(f"running, pid {st['pid']}, http://{HOST}:{st['port']}" if st["running"] else "not running",
-                  f"(state {st['state_dir']}, log {st['log']})")
-            return 0 if st["running"] else 3
-        if not st["running"]:
-            print(f"local MLflow is not running ({server.state_dir}): start it first", file=sys.stderr)
-            return 3
-        print(f"export MLFLOW_TRACKING_URI=http://{HOST}:{st['port']}")
-        return 0
-    except LocalServerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_cli(lambda: LocalMLflow(a.state_dir, a.port, artifacts=a.artifacts, s3_env=s3_env), a.command,
+                   lambda s, how: f"MLflow at {s.uri} ({how}, pid {s.pid}); db {s.db}, log {s.log_file}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,10 @@ class ManagedServer:
         raise NotImplementedError
 
     def _ready(self) -> bool:
+        raise NotImplementedError
+
+    def env(self) -> dict[str, str]:
+        """Environment variables that point clients at this server (the CLI's `env` command prints them)."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------- state
@@ -266,3 +271,36 @@ def default_state_root() -> Path:
 
 def python() -> str:
     return sys.executable
+
+
+def run_cli(make: Callable[[], ManagedServer], command: str, started: Callable[[ManagedServer, str], str]) -> int:
+    """start|stop|status|env for a local server (the infra/local/*.sh scripts). ``make`` builds the server (it
+    may raise LocalServerError for bad settings); ``started`` words the start line ("already running" or
+    "started in N s" is passed in). Exit codes: 0 ok, 1 error, 3 not running."""
+    try:
+        server = make()
+        if command == "start":
+            already = server.running_pid()
+            server.start()
+            server.detach()
+            print(started(server, "already running" if already else f"started in {server.start_seconds:.1f} s"))
+            return 0
+        if command == "stop":
+            print("stopped" if server.stop() else f"not running ({server.state_dir})")
+            return 0
+        st = server.status()
+        if command == "status":
+            print(f"running, pid {st['pid']}, port {st['port']}" if st["running"] else "not running",
+                  f"(state {st['state_dir']}, log {st['log']})")
+            return 0 if st["running"] else 3
+        if not st["running"]:
+            print(f"local {server.name} is not running ({server.state_dir}): start it first", file=sys.stderr)
+            return 3
+        server.port = st["port"]
+        server.info = {k: v for k, v in server.read_server().items() if k not in ("port", "pid")}
+        for k, v in server.env().items():
+            print(f"export {k}={v}")
+        return 0
+    except LocalServerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1

@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .local_proc import HOST, LocalServerError, ManagedServer, default_state_root, free_port, pids_matching, terminate
+from .local_proc import HOST, ManagedServer, default_state_root, free_port, pids_matching, run_cli, terminate
 
 DEFAULT_PORT = 6379
 
@@ -91,33 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=int(os.environ.get("ANOMALYMOE_RAY_PORT", DEFAULT_PORT)))
     p.add_argument("--num-cpus", type=int, default=None)
     a = p.parse_args(argv)
-    try:
-        head = LocalRay(a.state_dir, a.port, num_cpus=a.num_cpus)
-        if a.command == "start":
-            already = head.running_pid()
-            head.start()
-            head.detach()
-            how = "already running" if already else f"started in {head.start_seconds:.1f} s"
-            print(f"Ray head at {head.address}, jobs at {head.dashboard} ({how}, pid {head.pid}); log {head.log_file}")
-            return 0
-        if a.command == "stop":
-            print("stopped" if head.stop() else f"not running ({head.state_dir})")
-            return 0
-        st = head.status()
-        if a.command == "status":
-            print(f"running, pid {st['pid']}, port {st['port']}" if st["running"] else "not running",
-                  f"(state {st['state_dir']}, log {st['log']})")
-            return 0 if st["running"] else 3
-        if not st["running"]:
-            print(f"local Ray is not running ({head.state_dir}): start it first", file=sys.stderr)
-            return 3
-        head.info = {k: v for k, v in head.read_server().items() if k not in ("port", "pid")}
-        for k, v in head.env().items():
-            print(f"export {k}={v}")
-        return 0
-    except LocalServerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_cli(lambda: LocalRay(a.state_dir, a.port, num_cpus=a.num_cpus), a.command,
+                   lambda h, how: f"Ray head at {h.address}, jobs at {h.dashboard} ({how}, pid {h.pid}); "
+                                  f"log {h.log_file}")
 
 
 if __name__ == "__main__":
