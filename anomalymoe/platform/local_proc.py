@@ -269,9 +269,6 @@ def default_state_root() -> Path:
     return Path(root) if root else Path(__file__).resolve().parents[2] / ".local-stack"
 
 
-def python() -> str:
-    return sys.executable
-
 
 def run_cli(make: Callable[[], ManagedServer], command: str, started: Callable[[ManagedServer, str], str]) -> int:
     """start|stop|status|env for a local server (the infra/local/*.sh scripts). ``make`` builds the server (it

@@ -28,7 +28,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .local_proc import HOST, LocalServerError, alive, cmdline, port_free
+from .local_proc import HOST, LocalServerError, alive, cmdline, default_state_root, port_free
 from .local_proc import free_port as _free_port
 
 DEFAULT_PORT = 8333
@@ -359,9 +359,7 @@ class SeaweedS3:
 
 # ---------------------------------------------------------------------- CLI
 def _default_state_dir() -> Path:
-    root = os.environ.get("ANOMALYMOE_LOCAL_STACK")
-    base = Path(root) if root else Path(__file__).resolve().parents[2] / ".local-stack"
-    return base / "s3"
+    return default_state_root() / "s3"
 
 
 def main(argv: list[str] | None = None) -> int:
