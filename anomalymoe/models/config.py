@@ -25,6 +25,9 @@ class BackboneConfig(_Strict):
     # sha256 of the weight tensors (backbone.tensors_sha256), filled in when loaded; checked on every load
     weights_sha256: str | None = None
     img_size: int = 392
+    # Resize to resize x resize, then centre-crop img_size (the reference: 448 -> 392, which drops a 28 px
+    # border). None = resize straight to img_size (the whole image is scored: defects at the border count).
+    resize: int | None = None
     target_layers: list[int] = Field(default_factory=lambda: [2, 3, 4, 5, 6, 7, 8, 9])
     # Groups of target-layer positions whose mean is reconstructed (Dinomaly's 2 groups; the reference's
     # test.py used 1 group, METHOD.md §5 #7: we use the trained groups everywhere).
@@ -37,6 +40,8 @@ class BackboneConfig(_Strict):
         flat = sorted(i for g in self.fuse_groups for i in g)
         if not self.fuse_groups or any(not g for g in self.fuse_groups) or flat != list(range(n)):
             raise ValueError(f"fuse_groups must partition range({n}) (target-layer positions), got {self.fuse_groups}")
+        if self.resize is not None and self.resize < self.img_size:
+            raise ValueError(f"resize ({self.resize}) must be >= img_size ({self.img_size}): it is cropped to img_size")
         if sorted(set(self.target_layers)) != self.target_layers:
             raise ValueError("target_layers must be strictly increasing")
         return self
@@ -168,7 +173,7 @@ class ModelConfig(_Strict):
 def presets() -> dict[str, ModelConfig]:
     """Named configs. `reference` = the paper's code; `cpu` = the reference shape at ViT-S/224 (benchmarks);
     `cpu-small` = a quick CPU config for demos and learning tests; `test-tiny` = unit tests."""
-    ref = ModelConfig()
+    ref = ModelConfig(backbone=BackboneConfig(resize=448))  # the reference's Resize(448) + CenterCrop(392)
     cpu = ModelConfig(
         backbone=BackboneConfig(name="vit_small_patch14_dinov2", weights="offline:dinov2_vits14", img_size=224)
     )

@@ -23,7 +23,7 @@ from ..models.config import LEVELS  # noqa: E402
 from ..models.scoring import LevelNorm  # noqa: E402
 from . import storage  # noqa: E402
 from .metrics import AnomalyMetrics  # noqa: E402
-from .pipeline import decode_label_map, load_rows  # noqa: E402
+from .pipeline import Frame, decode_label_map, load_rows  # noqa: E402
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "f1_max", "pixel_f1_max")
 
@@ -71,11 +71,11 @@ def save_panel(path: Path, image: torch.Tensor, gt: torch.Tensor, amap: torch.Te
     plt.close(fig)
 
 
-def _gt_masks(rows: pd.DataFrame, size: int) -> torch.Tensor:
-    out = []
+def _gt_masks(rows: pd.DataFrame, frame: Frame) -> torch.Tensor:
+    size, out = frame.size, []
     for uri in rows["mask_uri"]:
         if isinstance(uri, str) and uri:
-            out.append(torch.from_numpy(decode_label_map(storage.read_bytes(uri), size) > 0))
+            out.append(torch.from_numpy(decode_label_map(storage.read_bytes(uri), frame) > 0))
         else:
             out.append(torch.zeros(size, size, dtype=torch.bool))
     return torch.stack(out)
@@ -114,7 +114,7 @@ def evaluate(model: AnomalyMoE, manifest: pd.DataFrame, *, batch_size: int = 8, 
     """Metrics per category (key "domain/category"), defect type and group, and means per domain and overall.
     `manifest` holds the test rows (uri, domain, category, label, defect, defect_group, mask_uri,
     component_mask_uri); `kept` maps "domain/category" to its kept component clusters."""
-    img_size = model.cfg.backbone.img_size
+    frame = Frame.for_backbone(model.cfg.backbone)
     out = Path(out_dir) if out_dir else None
     df = manifest.reset_index(drop=True).copy()
     if "defect_group" not in df:
@@ -127,10 +127,10 @@ def evaluate(model: AnomalyMoE, manifest: pd.DataFrame, *, batch_size: int = 8, 
     bar = tqdm(total=len(df), desc="evaluate", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(df), batch_size):
         chunk = df.iloc[start : start + batch_size]
-        images, masks = load_rows(chunk, img_size, kept)
+        images, masks = load_rows(chunk, frame, kept)
         pred = model.predict(images, masks, chunk["cat_key"].tolist())
         maps = pred.anomaly_map  # at scoring.map_size (default: the input size): ground truth is read at that size
-        gt = _gt_masks(chunk, maps.shape[-1])
+        gt = _gt_masks(chunk, frame.scaled(maps.shape[-1]))
         sel = pred.routing.mask.cpu().numpy()
         for i, r in enumerate(chunk.itertuples(index=False)):
             group = r.defect_group if isinstance(r.defect_group, str) and r.defect_group else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -58,37 +59,77 @@ def holdout_split(df: pd.DataFrame, fraction: float, seed: int = 0,
     return pd.concat(train), pd.concat(held)
 
 
-def decode_image(data: bytes, size: int) -> Tensor:
-    """Encoded bytes -> [3, size, size] float in [0, 1] (the same transform as datasets.load_image)."""
+@dataclass(frozen=True)
+class Frame:
+    """How a stored image becomes model input: resized to `resize` x `resize`, then the centre `size` x `size`
+    cut out (the reference's Resize(448) + CenterCrop(392)); `resize=None` resizes straight to `size`.
+    Label maps and ground-truth masks go through the same geometry (nearest), so they stay aligned."""
+
+    size: int
+    resize: int | None = None
+
+    def __post_init__(self):
+        if self.size <= 0 or (self.resize is not None and self.resize < self.size):
+            raise ValueError(f"need 0 < size <= resize, got size={self.size} resize={self.resize}")
+
+    @classmethod
+    def of(cls, frame: int | Frame) -> Frame:
+        return frame if isinstance(frame, Frame) else cls(int(frame))
+
+    @classmethod
+    def for_backbone(cls, cfg) -> Frame:
+        """The input geometry of a BackboneConfig (img_size, optional resize before the centre crop)."""
+        return cls(cfg.img_size, cfg.resize)
+
+    def scaled(self, size: int) -> Frame:
+        """The same geometry at another output size (ground truth read at the anomaly map's size)."""
+        if self.resize is None:
+            return Frame(size)
+        if size == self.size:
+            return self
+        return Frame(size, max(size, round(self.resize * size / self.size)))
+
+    def apply(self, im: Image.Image, resample: int) -> Image.Image:
+        full = self.resize or self.size
+        im = im.resize((full, full), resample)
+        if self.resize is None:
+            return im
+        off = (full - self.size) // 2
+        return im.crop((off, off, off + self.size, off + self.size))
+
+
+def decode_image(data: bytes, frame: int | Frame) -> Tensor:
+    """Encoded bytes -> [3, size, size] float in [0, 1]."""
     with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("RGB").resize((size, size), Image.BILINEAR)
+        im = Frame.of(frame).apply(im.convert("RGB"), Image.BILINEAR)
         return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 
-def decode_label_map(data: bytes, size: int) -> np.ndarray:
+def decode_label_map(data: bytes, frame: int | Frame) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.resize((size, size), Image.NEAREST))
+        return np.asarray(Frame.of(frame).apply(im, Image.NEAREST))
 
 
-def load_rows(rows: pd.DataFrame, img_size: int, kept: dict[str, list[int]] | None = None
+def load_rows(rows: pd.DataFrame, frame: int | Frame, kept: dict[str, list[int]] | None = None
               ) -> tuple[Tensor, list[Tensor | None]]:
     """Decode a batch of manifest rows: images and, where the row has a component label map and its
-    category a kept-cluster list, the component masks."""
+    category a kept-cluster list, the component masks. `frame`: the model's input geometry (an int = a plain
+    resize to that size)."""
     from .segmentation import component_masks
 
     images, masks = [], []
     for r in rows.itertuples(index=False):
-        images.append(decode_image(storage.read_bytes(r.uri), img_size))
+        images.append(decode_image(storage.read_bytes(r.uri), frame))
         cm = getattr(r, "component_mask_uri", None)
         key = f"{r.domain}/{r.category}" if kept else None
         if cm and isinstance(cm, str) and key in (kept or {}):
-            masks.append(component_masks(decode_label_map(storage.read_bytes(cm), img_size), kept[key]))
+            masks.append(component_masks(decode_label_map(storage.read_bytes(cm), frame), kept[key]))
         else:
             masks.append(None)
     return torch.stack(images), masks
 
 
-def local_epochs(df: pd.DataFrame, img_size: int, batch_size: int, *, seed: int = 0, alpha: float = 0.0,
+def local_epochs(df: pd.DataFrame, frame: int | Frame, batch_size: int, *, seed: int = 0, alpha: float = 0.0,
                  kept: dict[str, list[int]] | None = None, epoch_size: int | None = None
                  ) -> Iterator[Iterator[tuple[Tensor, list[Tensor | None]]]]:
     """In-process pipeline: one iterator of (images, masks) batches per epoch, forever."""
@@ -98,13 +139,13 @@ def local_epochs(df: pd.DataFrame, img_size: int, batch_size: int, *, seed: int 
 
         def one_epoch(idx=idx):
             for start in range(0, len(idx) - batch_size + 1, batch_size):
-                yield load_rows(df.iloc[idx[start : start + batch_size]], img_size, kept)
+                yield load_rows(df.iloc[idx[start : start + batch_size]], frame, kept)
 
         yield one_epoch()
         epoch += 1
 
 
-def ray_epoch(df: pd.DataFrame, epoch: int, img_size: int, *, seed: int = 0, alpha: float = 0.0,
+def ray_epoch(df: pd.DataFrame, epoch: int, frame: int | Frame, *, seed: int = 0, alpha: float = 0.0,
               epoch_size: int | None = None, read_concurrency: int = 2):
     """One epoch as a Ray Dataset of decoded images (streaming reads from S3 or disk, decoded in parallel,
     order = the seeded, balanced epoch order). Rows carry uint8 HWC images to keep object-store traffic
@@ -112,13 +153,16 @@ def ray_epoch(df: pd.DataFrame, epoch: int, img_size: int, *, seed: int = 0, alp
     import ray.data
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # the seeded order is the point
+    geometry = Frame.of(frame)
     idx = epoch_indices(df, epoch, seed=seed, alpha=alpha, size=epoch_size)
     rows = df.iloc[idx][list(TRAIN_COLUMNS)].reset_index(drop=True)
     rows["order"] = np.arange(len(rows))
 
     def decode(batch: pd.DataFrame) -> pd.DataFrame:
-        imgs = [np.asarray(Image.open(io.BytesIO(storage.read_bytes(u))).convert("RGB")
-                           .resize((img_size, img_size), Image.BILINEAR)) for u in batch["uri"]]
+        imgs = []
+        for u in batch["uri"]:
+            with Image.open(io.BytesIO(storage.read_bytes(u))) as im:
+                imgs.append(np.asarray(geometry.apply(im.convert("RGB"), Image.BILINEAR)))
         out = batch.copy()
         out["image"] = imgs
         return out

@@ -232,6 +232,8 @@ class _FitWorker:
         self.params = params
 
     def __call__(self, chunk):
+        # a plain resize, never the model's centre crop: label maps cover the whole image, and the model's
+        # Frame then crops them exactly as it crops the image
         images, _ = load_rows(chunk, self.backbone.cfg.img_size)
         feats = patch_features(self.backbone, images, self.params.color_weight)
         out = chunk[["uri"]].copy()

@@ -167,21 +167,21 @@ def train_and_calibrate(model: AnomalyMoE, train_rows, cfg: TrainConfig, *, hold
     """Fit on the normal training rows of a manifest minus a held-out share per category, then fit the
     calibration on that share (normal images never seen in training, never the test split).
     Returns (loss history, held-out rows)."""
-    from .pipeline import holdout_split, load_rows, local_epochs  # local: keeps the step importable alone
+    from .pipeline import Frame, holdout_split, load_rows, local_epochs  # local: keeps the step importable alone
 
-    img_size = model.cfg.backbone.img_size
+    frame = Frame.for_backbone(model.cfg.backbone)
     normal = train_rows[(train_rows["split"] == "train") & (train_rows["label"] == 0)]
     train, held = holdout_split(normal, holdout, seed=cfg.seed)
     if train.empty:
         raise ValueError("no training images left after the calibration hold-out")
     bs = min(cfg.batch_size, len(train))
-    epochs = local_epochs(train, img_size, bs, seed=cfg.seed, alpha=alpha, kept=kept)
+    epochs = local_epochs(train, frame, bs, seed=cfg.seed, alpha=alpha, kept=kept)
     history = fit(model, lambda: next(epochs), cfg, progress=progress)
     if not held.empty:
         def held_batches():
             for start in range(0, len(held), cfg.batch_size):
                 chunk = held.iloc[start : start + cfg.batch_size]
-                images, masks = load_rows(chunk, img_size, kept)
+                images, masks = load_rows(chunk, frame, kept)
                 # calibration is keyed "domain/category": two domains may share a category name
                 yield images, masks, (chunk["domain"] + "/" + chunk["category"]).tolist()
 

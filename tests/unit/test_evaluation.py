@@ -192,3 +192,26 @@ def test_metrics_table_and_write_report(tmp_path):
     back = json.loads(text, parse_constant=lambda c: pytest.fail(f"report.json is not strict JSON: {c}"))
     assert back["mean"]["image_auroc"] is None  # an undefined metric is null, not NaN
     same(back, _json_safe(report))
+
+
+def test_ground_truth_goes_through_the_models_crop(tmp_path):
+    """With a resize + centre crop, a defect wholly in the cropped-off border is not in the ground truth (the
+    model never saw those pixels), and one at the centre stays where the image's centre goes."""
+    from anomalymoe.platform.evaluation import _gt_masks
+    from anomalymoe.platform.pipeline import Frame
+
+    m = torch.zeros(64, 64, dtype=torch.uint8)
+    m[:4, :] = 255  # border band: resize 64 -> 32 makes it 2 px, the crop to 28 removes 2 px per side
+    Image.fromarray(m.numpy()).save(tmp_path / "border.png")
+    m[:] = 0
+    m[28:36, 28:36] = 255
+    Image.fromarray(m.numpy()).save(tmp_path / "centre.png")
+    import pandas as pd
+
+    rows = pd.DataFrame({"mask_uri": [str(tmp_path / "border.png"), str(tmp_path / "centre.png"), None]})
+    gt = _gt_masks(rows, Frame(28, resize=32))
+    assert gt.shape == (3, 28, 28)
+    assert not gt[0].any() and not gt[2].any()
+    ys, xs = torch.nonzero(gt[1], as_tuple=True)
+    assert (ys.min().item(), ys.max().item(), xs.min().item(), xs.max().item()) == (12, 15, 12, 15)
+    assert _gt_masks(rows, Frame(28)).sum(dim=(1, 2))[0] > 0  # without the crop the band is there

@@ -12,8 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
+from anomalymoe.models.config import BackboneConfig
 from anomalymoe.platform.pipeline import (
     TRAIN_COLUMNS,
+    Frame,
     epoch_indices,
     holdout_split,
     load_rows,
@@ -151,6 +153,53 @@ def test_load_rows_images_and_component_masks(tmp_path):
     assert torch.equal(masks2[0][1], torch.from_numpy(np.kron(lab == 4, np.ones((2, 2), bool))))
     # no kept lists at all: no masks
     assert load_rows(rows.iloc[:1], s)[1] == [None]
+
+
+# ------------------------------------------------------------------------------------------ Frame (resize + crop)
+def _grid_image(n: int) -> np.ndarray:
+    """n x n RGB whose red channel is the column and green the row: every pixel says where it came from."""
+    yy, xx = np.mgrid[0:n, 0:n]
+    return np.stack([xx, yy, np.zeros_like(xx)], -1).astype(np.uint8)
+
+
+def test_frame_resizes_then_centre_crops_images_and_label_maps_alike(tmp_path):
+    img, lab = tmp_path / "i.png", tmp_path / "l.png"
+    Image.fromarray(_grid_image(64)).save(img)
+    labels = np.ones((64, 64), np.uint8)  # value v = cluster v - 1
+    labels[:8, :] = 2  # cluster 1: a top band, 4 px after the resize, all cut by the crop
+    labels[30:34, 30:34] = 3  # cluster 2: a centre square: resize 32, crop 24 keeps it at the centre
+    Image.fromarray(labels).save(lab)
+    f = Frame(24, resize=32)
+    x = load_rows(pd.DataFrame({"uri": [str(img)], "domain": ["d"], "category": ["c"],
+                                "component_mask_uri": [str(lab)]}), f, kept={"d/c": [1, 2]})
+    images, masks = x
+    assert images.shape == (1, 3, 24, 24)
+    # the centre crop of the 32 px resize: column 0 of the output is column 4 of the resize = source column ~8-9
+    red = images[0, 0] * 255
+    assert 7 <= red[12, 0] <= 10 and 53 <= red[12, -1] <= 56
+    assert torch.allclose(images[0, 0], images[0, 0][0:1].expand(24, 24))  # red depends only on the column
+    m = masks[0]
+    assert m.shape == (2, 24, 24)
+    assert not m[0].any()  # the top band lay wholly in the cropped-off border
+    ys, xs = np.nonzero(m[1].numpy())
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (11, 12, 11, 12)  # the square, still at the centre
+    # resize=None is a straight resize; an int means exactly that
+    plain = load_rows(pd.DataFrame({"uri": [str(img)], "domain": ["d"], "category": ["c"]}), 24)[0]
+    assert torch.equal(plain, load_rows(pd.DataFrame({"uri": [str(img)], "domain": ["d"], "category": ["c"]}),
+                                        Frame(24))[0])
+    assert not torch.equal(plain, images)
+
+
+def test_frame_validation_and_scaling():
+    with pytest.raises(ValueError, match="size <= resize"):
+        Frame(32, resize=16)
+    with pytest.raises(ValueError, match="resize"):
+        BackboneConfig(img_size=224, resize=200)
+    assert Frame.for_backbone(BackboneConfig(img_size=392, resize=448)) == Frame(392, 448)
+    assert Frame.for_backbone(BackboneConfig(img_size=224)) == Frame(224)
+    # ground truth read at half the model size keeps the same crop share (448/392)
+    assert Frame(392, 448).scaled(196) == Frame(196, 224) and Frame(224).scaled(112) == Frame(112)
+    assert Frame(392, 448).scaled(392) == Frame(392, 448)
 
 
 @pytest.fixture
