@@ -145,33 +145,75 @@ def local_epochs(df: pd.DataFrame, frame: int | Frame, batch_size: int, *, seed:
         epoch += 1
 
 
-def ray_epoch(df: pd.DataFrame, epoch: int, frame: int | Frame, *, seed: int = 0, alpha: float = 0.0,
-              epoch_size: int | None = None, read_concurrency: int = 2):
-    """One epoch as a Ray Dataset of decoded images (streaming reads from S3 or disk, decoded in parallel,
-    order = the seeded, balanced epoch order). Rows carry uint8 HWC images to keep object-store traffic
-    small; `to_batch` turns a Ray batch into model input."""
+def step_rows(df: pd.DataFrame, step: int, global_batch: int, *, seed: int = 0, alpha: float = 0.0,
+              rank: int = 0, world: int = 1) -> pd.DataFrame:
+    """The rows of one training step for one rank. The global row stream is a sequence of seeded, balanced
+    epochs of `global_batch * floor(len(df) / global_batch)` rows (at least one batch); step s is the s-th
+    batch of it, and rank r of `world` takes the r-th equal slice. So the stream depends only on (data, seed,
+    alpha, global batch): 1 worker or 2 see the same images per step, and a resumed run picks up exactly
+    where the checkpoint was written."""
+    if global_batch % world:
+        raise ValueError(f"global batch {global_batch} is not divisible by {world} workers")
+    per_epoch = max(1, len(df) // global_batch)
+    epoch, pos = divmod(step, per_epoch)
+    idx = epoch_indices(df, epoch, seed=seed, alpha=alpha, size=per_epoch * global_batch)
+    local = global_batch // world
+    lo = pos * global_batch + rank * local
+    return df.iloc[idx[lo : lo + local]]
+
+
+def ray_rows(rows: pd.DataFrame, frame: int | Frame, *, read_concurrency: int = 2, block_rows: int = 16,
+             num_cpus: float = 1.0):
+    """Rows as a Ray Dataset, decoded in parallel tasks in row order: each row gains `image` (uint8 HWC at the
+    frame) and `labels` (the component label map through the same frame, uint8 HW; all zeros and
+    `has_labels` False where the row has none). uint8 keeps object-store traffic small; `to_batch` makes
+    model input. Reads stream from S3 or disk through `storage`. `num_cpus` per decode task: 0 inside Ray
+    Train workers, which already hold the CPUs they run on."""
     import ray.data
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # the seeded order is the point
     geometry = Frame.of(frame)
-    idx = epoch_indices(df, epoch, seed=seed, alpha=alpha, size=epoch_size)
-    rows = df.iloc[idx][list(TRAIN_COLUMNS)].reset_index(drop=True)
+    cols = [c for c in (*TRAIN_COLUMNS, "label", "defect", "mask_uri") if c in rows.columns]
+    rows = rows[cols].reset_index(drop=True)
     rows["order"] = np.arange(len(rows))
 
     def decode(batch: pd.DataFrame) -> pd.DataFrame:
-        imgs = []
-        for u in batch["uri"]:
-            with Image.open(io.BytesIO(storage.read_bytes(u))) as im:
+        imgs, labs, has = [], [], []
+        for r in batch.itertuples(index=False):
+            with Image.open(io.BytesIO(storage.read_bytes(r.uri))) as im:
                 imgs.append(np.asarray(geometry.apply(im.convert("RGB"), Image.BILINEAR)))
+            cm = getattr(r, "component_mask_uri", None)
+            has.append(isinstance(cm, str) and bool(cm))
+            labs.append(decode_label_map(storage.read_bytes(cm), geometry) if has[-1]
+                        else np.zeros((geometry.size,) * 2, np.uint8))
         out = batch.copy()
-        out["image"] = imgs
+        out["image"], out["labels"], out["has_labels"] = imgs, labs, has
         return out
 
-    blocks = [rows.iloc[i : i + 16] for i in range(0, len(rows), 16)]  # one block per decode task
+    blocks = [rows.iloc[i : i + block_rows] for i in range(0, len(rows), block_rows)]  # one block per decode task
     return ray.data.from_pandas(blocks).map_batches(decode, batch_format="pandas", concurrency=read_concurrency,
-                                                    batch_size=16)
+                                                    batch_size=block_rows, num_cpus=num_cpus)
 
 
-def to_batch(batch: dict | pd.DataFrame) -> Tensor:
+def ray_epoch(df: pd.DataFrame, epoch: int, frame: int | Frame, *, seed: int = 0, alpha: float = 0.0,
+              epoch_size: int | None = None, read_concurrency: int = 2):
+    """One seeded, balanced epoch (`epoch_indices`) as a Ray Dataset of decoded rows (see `ray_rows`)."""
+    idx = epoch_indices(df, epoch, seed=seed, alpha=alpha, size=epoch_size)
+    return ray_rows(df.iloc[idx], frame, read_concurrency=read_concurrency)
+
+
+def to_batch(batch: dict | pd.DataFrame, kept: dict[str, list[int]] | None = None
+             ) -> tuple[Tensor, list[Tensor | None]]:
+    """A decoded Ray batch -> (images [B,3,H,W] float in [0,1], component masks per row) as `load_rows` gives."""
+    from .segmentation import component_masks
+
     imgs = np.stack(list(batch["image"]))
-    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div_(255.0)
+    images = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div_(255.0)
+    masks: list[Tensor | None] = []
+    has = list(batch["has_labels"]) if "has_labels" in batch else [False] * len(imgs)
+    doms, cats = list(batch["domain"]), list(batch["category"])
+    labels = list(batch["labels"]) if "labels" in batch else []
+    for i, h in enumerate(has):
+        key = f"{doms[i]}/{cats[i]}" if h and kept else None
+        masks.append(component_masks(np.asarray(labels[i]), kept[key]) if key in (kept or {}) else None)
+    return images, masks

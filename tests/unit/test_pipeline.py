@@ -21,6 +21,8 @@ from anomalymoe.platform.pipeline import (
     load_rows,
     local_epochs,
     ray_epoch,
+    ray_rows,
+    step_rows,
     to_batch,
 )
 
@@ -251,7 +253,7 @@ def test_ray_epoch_matches_in_process_order_and_pixels(local_ray, image_frame):
         assert set(TRAIN_COLUMNS) <= set(batch.columns)
         uris += batch["uri"].tolist()
         order += batch["order"].tolist()
-        imgs.append(to_batch(batch))
+        imgs.append(to_batch(batch)[0])
     assert uris == df["uri"].iloc[idx].tolist()
     assert order == list(range(12))
     got = torch.cat(imgs)
@@ -276,3 +278,52 @@ def test_ray_epoch_decodes_in_parallel_blocks(local_ray, tmp_path):
     assert uris == df["uri"].iloc[epoch_indices(df, 0)].tolist()  # order holds either way
     tasks = [line for line in ds.stats().splitlines() if "MapBatches(decode)" in line and "tasks executed" in line]
     assert ds.num_blocks() >= 2, tasks
+
+
+def test_ray_rows_carry_component_masks_like_load_rows(local_ray, tmp_path):
+    """Label maps are decoded in the Ray tasks through the model's crop; to_batch gives the masks load_rows gives."""
+    rows = []
+    for i in range(5):
+        p = tmp_path / f"{i}.png"
+        _write_rgb(p, 40, i)
+        lab = np.ones((40, 40), np.uint8)
+        lab[5 + i : 20, 10:30] = 2
+        lab[25:35, 5:15 + i] = 3
+        lp = tmp_path / f"{i}_lab.png"
+        Image.fromarray(lab).save(lp)
+        rows.append({"uri": str(p), "domain": "objects", "category": "tray",
+                     "component_mask_uri": str(lp) if i != 3 else None})
+    df = pd.DataFrame(rows)
+    kept = {"objects/tray": [1, 2]}
+    frame = Frame(28, resize=32)
+    got_imgs, got_masks = [], []
+    for b in ray_rows(df, frame, read_concurrency=1, block_rows=2).iter_batches(batch_size=3, batch_format="pandas"):
+        i, m = to_batch(b, kept)
+        got_imgs.append(i)
+        got_masks += m
+    want_imgs, want_masks = load_rows(df, frame, kept)
+    assert torch.equal(torch.cat(got_imgs), want_imgs)
+    assert got_masks[3] is None and want_masks[3] is None
+    for g, w in zip(got_masks, want_masks, strict=True):
+        assert (g is None) == (w is None) and (g is None or torch.equal(g, w))
+
+
+def test_step_rows_split_one_global_batch_across_ranks():
+    df = _frame({("a", "x"): 30, ("a", "y"): 12, ("b", "z"): 7})
+    per_epoch = len(df) // 8
+    for step in (0, 3, per_epoch, 2 * per_epoch + 1):  # within the first epoch and past epoch ends
+        whole = step_rows(df, step, 8, seed=5)
+        assert len(whole) == 8
+        halves = [step_rows(df, step, 8, seed=5, rank=r, world=2) for r in range(2)]
+        assert pd.concat(halves)["uri"].tolist() == whole["uri"].tolist()
+        quarters = [step_rows(df, step, 8, seed=5, rank=r, world=4) for r in range(4)]
+        assert pd.concat(quarters)["uri"].tolist() == whole["uri"].tolist()
+    # an epoch of steps is a permutation-based, balanced draw; the next epoch is another order
+    e0 = pd.concat([step_rows(df, s, 8, seed=5) for s in range(per_epoch)])["uri"].tolist()
+    e1 = pd.concat([step_rows(df, s, 8, seed=5) for s in range(per_epoch, 2 * per_epoch)])["uri"].tolist()
+    assert len(e0) == per_epoch * 8 and e0 != e1
+    assert step_rows(df, 2, 8, seed=6)["uri"].tolist() != step_rows(df, 2, 8, seed=5)["uri"].tolist()
+    with pytest.raises(ValueError, match="divisible"):
+        step_rows(df, 0, 8, world=3)
+    tiny = _frame({("a", "x"): 3})  # fewer rows than one batch: rows repeat within the step
+    assert len(step_rows(tiny, 0, 8)) == 8
