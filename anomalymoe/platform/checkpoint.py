@@ -75,11 +75,11 @@ def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"{directory} is not a training checkpoint (no readable {META}): {e}") from e
 
 
-def load_training_state(directory: str | os.PathLike[str], trainer: Trainer) -> dict[str, Any]:
-    """Restore weights, optimisers, step and RNG streams into ``trainer`` (built with the same config)."""
+def load_weights(directory: str | os.PathLike[str], model) -> dict[str, Any]:
+    """Only the weights of a checkpoint into ``model`` (an AnomalyMoE of the same config); returns its meta."""
     d = Path(directory)
     meta = read_meta(d)
-    want = trainer.model.cfg.config_hash()
+    want = model.cfg.config_hash()
     if meta.get("config_hash") != want:
         raise CheckpointError(f"checkpoint {d} is for model config {meta.get('config_hash')}, this run is {want}: "
                               "resume with the same config, or start a new run name")
@@ -87,7 +87,7 @@ def load_training_state(directory: str | os.PathLike[str], trainer: Trainer) -> 
     if missing:
         raise CheckpointError(f"checkpoint {d} lacks {', '.join(missing)}")
     tensors = load_file(str(d / WEIGHTS))
-    own = trainer.model.state_dict()
+    own = model.state_dict()
     expected = {k for k in own if not k.startswith("backbone.")}
     if set(tensors) != expected:
         missing, unexpected = sorted(expected - set(tensors))[:5], sorted(set(tensors) - expected)[:5]
@@ -96,6 +96,13 @@ def load_training_state(directory: str | os.PathLike[str], trainer: Trainer) -> 
     with torch.no_grad():
         for k, v in tensors.items():
             own[k].copy_(v)
+    return meta
+
+
+def load_training_state(directory: str | os.PathLike[str], trainer: Trainer) -> dict[str, Any]:
+    """Restore weights, optimisers, step and RNG streams into ``trainer`` (built with the same config)."""
+    d = Path(directory)
+    meta = load_weights(d, trainer.model)
     st = torch.load(d / STATE, weights_only=True)
     trainer.opt.load_state_dict(st["opt"])
     trainer.est_opt.load_state_dict(st["est_opt"])

@@ -146,20 +146,26 @@ def local_epochs(df: pd.DataFrame, frame: int | Frame, batch_size: int, *, seed:
 
 
 def step_rows(df: pd.DataFrame, step: int, global_batch: int, *, seed: int = 0, alpha: float = 0.0,
-              rank: int = 0, world: int = 1) -> pd.DataFrame:
-    """The rows of one training step for one rank. The global row stream is a sequence of seeded, balanced
-    epochs of `global_batch * floor(len(df) / global_batch)` rows (at least one batch); step s is the s-th
-    batch of it, and rank r of `world` takes the r-th equal slice. So the stream depends only on (data, seed,
-    alpha, global batch): 1 worker or 2 see the same images per step, and a resumed run picks up exactly
-    where the checkpoint was written."""
+              rank: int = 0, world: int = 1, stop: int | None = None) -> pd.DataFrame:
+    """The rows of training steps [step, stop) (default: one step) for one rank, in step order. The global row
+    stream is a sequence of seeded, balanced epochs of `global_batch * floor(len(df) / global_batch)` rows (at
+    least one batch); step s is the s-th batch of it, and rank r of `world` takes the r-th equal slice. So the
+    stream depends only on (data, seed, alpha, global batch): 1 worker or 2 see the same images per step, and
+    a resumed run picks up exactly where the checkpoint was written."""
     if global_batch % world:
         raise ValueError(f"global batch {global_batch} is not divisible by {world} workers")
+    stop = step + 1 if stop is None else stop
     per_epoch = max(1, len(df) // global_batch)
-    epoch, pos = divmod(step, per_epoch)
-    idx = epoch_indices(df, epoch, seed=seed, alpha=alpha, size=per_epoch * global_batch)
     local = global_batch // world
-    lo = pos * global_batch + rank * local
-    return df.iloc[idx[lo : lo + local]]
+    picks, epoch_idx = [], {}
+    for s in range(step, stop):
+        epoch, pos = divmod(s, per_epoch)
+        if epoch not in epoch_idx:
+            epoch_idx.clear()
+            epoch_idx[epoch] = epoch_indices(df, epoch, seed=seed, alpha=alpha, size=per_epoch * global_batch)
+        lo = pos * global_batch + rank * local
+        picks.append(epoch_idx[epoch][lo : lo + local])
+    return df.iloc[np.concatenate(picks) if picks else np.empty(0, np.int64)]
 
 
 def ray_rows(rows: pd.DataFrame, frame: int | Frame, *, read_concurrency: int = 2, block_rows: int = 16,
@@ -191,7 +197,9 @@ def ray_rows(rows: pd.DataFrame, frame: int | Frame, *, read_concurrency: int = 
         return out
 
     blocks = [rows.iloc[i : i + block_rows] for i in range(0, len(rows), block_rows)]  # one block per decode task
-    return ray.data.from_pandas(blocks).map_batches(decode, batch_format="pandas", concurrency=read_concurrency,
+    # from_blocks, not from_pandas: from_pandas runs remote metadata tasks that need a free CPU, and inside a
+    # Ray Train worker group that holds every CPU they never start (measured: a silent hang)
+    return ray.data.from_blocks(blocks).map_batches(decode, batch_format="pandas", concurrency=read_concurrency,
                                                     batch_size=block_rows, num_cpus=num_cpus)
 
 

@@ -117,4 +117,15 @@ def mlflow_uri(mlflow_server: Any, monkeypatch: pytest.MonkeyPatch) -> str:
     return mlflow_server.uri
 
 
-# ------------------------------------------------------------------------------------------------ (next: Ray)
+# ------------------------------------------------------------------------------------------------ Ray head
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A local `ray start --head` (2 CPUs, auth disabled) for the session; stopped with all its processes."""
+    from anomalymoe.platform.local_ray import LocalRay
+
+    head = LocalRay(tmp_path_factory.mktemp("ray-head"), num_cpus=2, tie_to_parent=True)
+    try:
+        head.start()
+        yield head
+    finally:
+        head.stop()

@@ -323,6 +323,10 @@ def test_step_rows_split_one_global_batch_across_ranks():
     e1 = pd.concat([step_rows(df, s, 8, seed=5) for s in range(per_epoch, 2 * per_epoch)])["uri"].tolist()
     assert len(e0) == per_epoch * 8 and e0 != e1
     assert step_rows(df, 2, 8, seed=6)["uri"].tolist() != step_rows(df, 2, 8, seed=5)["uri"].tolist()
+    # a range of steps is those steps' rows in order, across the epoch boundary
+    span = step_rows(df, per_epoch - 2, 8, seed=5, rank=1, world=2, stop=per_epoch + 2)
+    assert span["uri"].tolist() == pd.concat(
+        [step_rows(df, s, 8, seed=5, rank=1, world=2) for s in range(per_epoch - 2, per_epoch + 2)])["uri"].tolist()
     with pytest.raises(ValueError, match="divisible"):
         step_rows(df, 0, 8, world=3)
     tiny = _frame({("a", "x"): 3})  # fewer rows than one batch: rows repeat within the step

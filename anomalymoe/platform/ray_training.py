@@ -1,0 +1,488 @@
+"""Distributed training on Ray Train (V2 API): the per-worker loop, and the driver that wraps it in an MLflow run,
+then calibrates, evaluates, saves and registers the model.
+
+Data parallel, with our own gradient averaging (distributed.average_gradients) instead of DDP's wrapper: the
+experts are sparse, so a rank may have no gradient for an expert another rank used; averaging fills zeros
+and keeps every rank's parameters identical. Each step's global batch is fixed by (data, seed, global batch)
+(pipeline.step_rows) and rank r decodes its slice through Ray Data (pipeline.ray_rows), so 1 and 2 workers
+see the same images per step and a resumed run continues the same stream.
+
+Checkpoints (checkpoint.save_training_state: trainable weights, both optimisers, step, every RNG, configs) go
+to the run's storage (local or s3://) every `checkpoint_every` steps through ``ray.train.report``. A restarted
+worker group (FailureConfig retries) or a rerun with the same run name and storage resumes from the latest
+one; the step-indexed data stream makes the resumed run end at exactly the configured step."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..models.anomalymoe import AnomalyMoE
+from ..models.config import ModelConfig
+from . import storage
+from .checkpoint import load_training_state, load_weights, save_training_state
+from .pipeline import Frame, load_rows, ray_rows, step_rows, to_batch
+from .trainer import TrainConfig, Trainer, seed_everything
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+HISTORY = "history.json"
+LOGGED = ("loss", "patch", "global", "component", "esb", "eir", "estimator_nll", "grad_norm", "lr")
+
+
+@dataclass
+class LoopConfig:
+    """What every worker needs (plain data: Ray ships it to the workers)."""
+
+    model: dict
+    train: dict
+    rows: pd.DataFrame  # normal training rows (the calibration hold-out already removed)
+    kept: dict[str, list[int]] = field(default_factory=dict)
+    val_rows: pd.DataFrame | None = None  # held-out normal rows for validation (rank 0)
+    alpha: float = 0.0
+    checkpoint_every: int = 50
+    val_every: int = 0  # 0: validate only at the end
+    log_every: int = 10
+    loader: str = "ray"  # "ray": Ray Data decode tasks; "local": in-process (tests, debugging)
+    threads: int = 0
+    mlflow: dict = field(default_factory=dict)  # {"tracking_uri", "run_id"}: rank 0 logs metrics there
+    run_name: str = ""
+
+
+# ------------------------------------------------------------------------------------------ worker side
+def _batches(cfg: LoopConfig, tcfg: TrainConfig, frame: Frame, start: int, rank: int, world: int):
+    """(images, masks) for steps start, start+1, ... on this rank; one Ray Dataset per epoch's remainder."""
+    local = tcfg.batch_size // world
+    per_epoch = max(1, len(cfg.rows) // tcfg.batch_size)
+    step = start
+    while step < tcfg.steps:
+        stop = min(tcfg.steps, (step // per_epoch + 1) * per_epoch)
+        rows = step_rows(cfg.rows, step, tcfg.batch_size, seed=tcfg.seed, alpha=cfg.alpha, rank=rank, world=world,
+                         stop=stop)
+        if cfg.loader == "local":
+            for i in range(0, len(rows), local):
+                yield load_rows(rows.iloc[i : i + local], frame, cfg.kept)
+        else:  # decode tasks take no CPU of their own: the training workers hold the CPUs they run on
+            import ray.data
+
+            ray.data.DataContext.get_current().enable_progress_bars = False  # job logs: our own progress lines
+            ds = ray_rows(rows, frame, read_concurrency=2, num_cpus=0)
+            for b in ds.iter_batches(batch_size=local, batch_format="pandas", prefetch_batches=2, drop_last=False):
+                yield to_batch(b, cfg.kept)
+        step = stop
+
+
+def _held_batches(rows: pd.DataFrame, frame: Frame, kept: dict, batch_size: int = 8):
+    for s in range(0, len(rows), batch_size):
+        chunk = rows.iloc[s : s + batch_size]
+        images, masks = load_rows(chunk, frame, kept)
+        yield images, masks, (chunk["domain"] + "/" + chunk["category"]).tolist()
+
+
+def _mean_over_ranks(rec: dict[str, float], keys: tuple[str, ...], world: int) -> dict[str, float]:
+    if world == 1:
+        return {k: rec[k] for k in keys if k in rec}
+    import torch.distributed as dist
+
+    present = [k for k in keys if k in rec]
+    t = torch.tensor([rec[k] for k in present], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / world for k, v in zip(present, t.tolist(), strict=True)}
+
+
+class _MLflowLogger:
+    """Rank 0's metric logging. A failed call is logged and retried with the next batch of metrics, never fatal:
+    losing a metric point must not lose the training run."""
+
+    def __init__(self, spec: dict):
+        self.client, self.run_id, self.pending = None, spec.get("run_id"), []
+        if self.run_id:
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient(spec["tracking_uri"])
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items() if np.isfinite(v)]
+        try:
+            for i in range(0, len(self.pending), 500):
+                self.client.log_batch(self.run_id, metrics=self.pending[i : i + 500])
+            self.pending = []
+        except Exception as e:  # noqa: BLE001 - MLflow/HTTP errors vary; keep training, retry later
+            log.warning("MLflow logging failed (%s); %d metric points kept for the next try", e, len(self.pending))
+
+
+def _reseed(trainer: Trainer, seed: int, rank: int, step: int) -> None:
+    """Every RNG from (seed, rank, step), at each checkpoint boundary: ranks draw independent dropout and jitter
+    noise, and a run resumed from the checkpoint at `step` draws exactly what the uninterrupted run drew (the
+    checkpoint's own RNG state is rank 0's only)."""
+    s = int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+    seed_everything(s)
+    trainer.generator.manual_seed(s)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """The Ray Train worker function."""
+    import ray.train
+
+    from .distributed import average_gradients
+
+    cfg: LoopConfig = config["loop"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    tcfg = TrainConfig(**cfg.train)
+    if tcfg.batch_size % world:
+        raise ValueError(f"batch size {tcfg.batch_size} must be divisible by the {world} workers")
+    seed_everything(tcfg.seed)  # the same initial weights on every rank
+    device = ray.train.torch.get_device()
+    model = AnomalyMoE(ModelConfig.from_dict(cfg.model)).to(device)
+    trainer = Trainer(model, tcfg, grad_sync=average_gradients if world > 1 else None)
+    ckpt = ray.train.get_checkpoint()
+    history: list[dict] = []  # rank 0's reports, carried in every checkpoint (so a resumed run has all of them)
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            load_training_state(d, trainer)
+            history = read_history(d)
+        if rank == 0:
+            print(f"[train] resumed from step {trainer.step_num} ({ckpt.path})", flush=True)
+    frame = Frame.for_backbone(model.cfg.backbone)
+    mlf = _MLflowLogger(cfg.mlflow) if rank == 0 else None
+    use_bf16 = device.type == "cuda"
+    start_step, t_start, n_imgs = trainer.step_num, time.perf_counter(), 0
+    times = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+    it = _batches(cfg, tcfg, frame, trainer.step_num, rank, world)
+    t_data = time.perf_counter()
+    while trainer.step_num < tcfg.steps:
+        if trainer.step_num % cfg.checkpoint_every == 0:
+            _reseed(trainer, tcfg.seed, rank, trainer.step_num)
+        images, masks = next(it)
+        times["data"] += time.perf_counter() - t_data
+        images = images.to(device, non_blocking=True)
+        masks = [m.to(device) if m is not None else None for m in masks]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            rec = trainer.step(images, masks)
+        for k in ("forward", "backward", "optimizer"):
+            times[k] += rec[f"time_{k}"]
+        n_imgs += images.shape[0] * world
+        step = trainer.step_num
+        last = step == tcfg.steps
+        if step % cfg.log_every and step % cfg.checkpoint_every and not last:
+            t_data = time.perf_counter()
+            continue
+        keys = LOGGED + tuple(k for k in rec if k.startswith(("use_", "esb")) and k not in LOGGED)
+        metrics = _mean_over_ranks(rec, keys, world)
+        elapsed = time.perf_counter() - t_start
+        metrics["images_per_s"] = n_imgs / max(elapsed, 1e-9)
+        metrics.update({f"time_{k}": v / max(1, step - start_step) for k, v in times.items()})
+        metrics["step"] = step
+        if rank == 0 and cfg.val_rows is not None and len(cfg.val_rows) >= 2 and (
+                last or (cfg.val_every and step % cfg.val_every == 0)):
+            from .validation import validate
+
+            metrics.update(validate(model, lambda: _held_batches(cfg.val_rows, frame, cfg.kept), seed=tcfg.seed))
+        if rank == 0:
+            eta = (tcfg.steps - step) * elapsed / max(1, step - start_step)
+            parts = " ".join(f"{k}={metrics[k]:.4f}" for k in ("loss", "patch", "global", "component", "esb", "eir")
+                             if k in metrics)
+            val = f" val_score={metrics['val_score']:.3f}" if "val_score" in metrics else ""
+            print(f"[train] step {step}/{tcfg.steps} {parts} grad_norm={metrics['grad_norm']:.3f} "
+                  f"{metrics['images_per_s']:.1f} img/s ETA {eta:.0f}s{val}", flush=True)
+            mlf.log({k: v for k, v in metrics.items() if k != "step"}, step)
+            history.append(metrics)
+        checkpoint = None
+        with tempfile.TemporaryDirectory() as d:
+            if rank == 0 and (step % cfg.checkpoint_every == 0 or last):
+                save_training_state(d, trainer, extra={"run_name": cfg.run_name})
+                (Path(d) / HISTORY).write_text(json.dumps(history) + "\n")
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=checkpoint)
+        t_data = time.perf_counter()
+
+
+# ------------------------------------------------------------------------------------------ driver side
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def manifest_hash(df: pd.DataFrame) -> str:
+    import hashlib
+
+    cols = [c for c in ("uri", "domain", "category", "split", "label", "defect", "mask_uri", "component_mask_uri")
+            if c in df.columns]
+    blob = df[cols].sort_values("uri").to_csv(index=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def storage_config(uri: str) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for RunConfig: a local dir as is; s3:// through pyarrow's S3 client at
+    the platform's endpoint (AWS_ENDPOINT_URL) with credentials from the usual AWS chain."""
+    if not storage.is_s3(uri):
+        return str(Path(uri).resolve()), None
+    import boto3
+    import pyarrow.fs
+
+    creds = boto3.Session().get_credentials()
+    kw: dict[str, Any] = {}
+    if creds is not None:
+        c = creds.get_frozen_credentials()
+        kw.update(access_key=c.access_key, secret_key=c.secret_key, session_token=c.token)
+    endpoint = storage.s3_endpoint()
+    if endpoint:
+        kw["endpoint_override"] = endpoint
+        kw["scheme"] = "https" if endpoint.startswith("https") else "http"
+    kw["region"] = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
+    return uri.removeprefix("s3://").rstrip("/"), pyarrow.fs.S3FileSystem(**kw)
+
+
+def fit_on_ray(loop: LoopConfig, *, workers: int, storage_uri: str, gpu: bool = False, max_failures: int = 3,
+               cpus_per_worker: float = 1.0):
+    """Run train_loop on `workers` Ray Train workers; returns the Ray Train Result (its checkpoint = the final
+    training state)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    path, fs = storage_config(storage_uri)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"loop": loop},
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu,
+                                               resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=loop.run_name, storage_path=path, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    return trainer.fit()
+
+
+def read_history(directory: str | os.PathLike[str]) -> list[dict]:
+    p = Path(directory) / HISTORY
+    return json.loads(p.read_text()) if p.is_file() else []
+
+
+def model_from_checkpoint(checkpoint, model_cfg: dict) -> tuple[AnomalyMoE, list[dict]]:
+    """The trained model and the run's metric history (one row per report) from the final checkpoint."""
+    model = AnomalyMoE(ModelConfig.from_dict(model_cfg))
+    with checkpoint.as_directory() as d:
+        load_weights(d, model)
+        history = read_history(d)
+    return model.eval(), history
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
+
+
+
+
+# ------------------------------------------------------------------------------------------ the job
+@dataclass
+class JobSpec:
+    """A training job as jobs/train.py's flags describe it."""
+
+    model: ModelConfig
+    train: TrainConfig
+    data: list[str] = field(default_factory=lambda: ["demo"])
+    domains: list[str] | None = None
+    workers: int = 1
+    gpu: bool = False
+    storage: str = str(REPO_ROOT / "outputs" / "ray_runs")
+    output: str | None = None
+    experiment: str = "anomalymoe"
+    name: str | None = None
+    checkpoint_every: int = 50
+    val_every: int = 0
+    log_every: int = 10
+    holdout: float = 0.2
+    alpha: float = 0.0
+    loader: str = "ray"
+    max_failures: int = 3
+    skip_bad_rows: bool = False
+    segment_k: int = 6
+    register: bool = True
+    address: str | None = None
+    demo_root: str = str(REPO_ROOT / "outputs" / "demo" / "data")
+
+
+def _flatten(prefix: str, d: Any, out: dict[str, str]) -> dict[str, str]:
+    if isinstance(d, dict):
+        for k, v in d.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = json.dumps(d) if isinstance(d, list | tuple) else str(d)
+    return out
+
+
+def _connect_ray(address: str | None) -> None:
+    """Inside `ray job submit` the job's runtime env (working dir) already ships this code. A driver started by
+    hand (a local Ray, or RAY_ADDRESS / --address of a head on this machine) points its workers at this
+    checkout; on a multi-node cluster submit the job with --working-dir instead."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # set by the job supervisor of a submitted job
+        ray.init(address=address or None)
+        return
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(address=address or None, runtime_env={"env_vars": {"PYTHONPATH": path}},
+             **({} if address or os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}))
+
+
+def _prepare_data(spec: JobSpec, model: AnomalyMoE):
+    from .data import resolve_data
+    from .manifest import ensure_valid
+    from .pipeline import holdout_split
+    from .segmentation import SegmentParams, segment_manifest
+
+    df, kept = resolve_data(spec.data, demo_root=spec.demo_root, seed=spec.train.seed, domains=spec.domains)
+    df = ensure_valid(df, skip_bad_rows=spec.skip_bad_rows, required_splits=("train",))
+    if "demo" in spec.data:  # the demo's objects need their part masks (segmented once, then reused)
+        objects = df[df["domain"] == "objects"]
+        missing = objects[~(objects["domain"] + "/" + objects["category"]).isin(list(kept))]
+        if not missing.empty:
+            print(f"[data] segmenting {len(missing)} objects images into component masks", flush=True)
+            seg, seg_kept = segment_manifest(model.backbone, objects,
+                                             params=SegmentParams(k=spec.segment_k, seed=spec.train.seed))
+            df.loc[seg.index, "component_mask_uri"] = seg["component_mask_uri"]
+            kept.update(seg_kept)
+    normal = df[(df["split"] == "train") & (df["label"] == 0)]
+    train, held = holdout_split(normal, spec.holdout, seed=spec.train.seed)
+    if train.empty:
+        raise ValueError("no training images left after the calibration hold-out")
+    return df, kept, train.reset_index(drop=True), held.reset_index(drop=True)
+
+
+def _mlflow_run(spec: JobSpec, run_name: str, tags: dict[str, str], params: dict[str, str]) -> str:
+    """The MLflow run of this training run: an unfinished run of the same name is resumed (same run id)."""
+    from mlflow.entities import Param, RunTag
+
+    from . import registry
+
+    c = registry.client()
+    exp = registry.experiment_id(spec.experiment)
+    found = c.search_runs([exp], filter_string=f"tags.mlflow.runName = '{run_name}'", max_results=5)
+    live = [r for r in found if r.info.status != "FINISHED"]
+    if live:
+        run_id = live[0].info.run_id
+        c.update_run(run_id, status="RUNNING")
+        print(f"[mlflow] resuming run {run_id} ({run_name})", flush=True)
+        return run_id
+    run_id = c.create_run(exp, run_name=run_name, tags=tags).info.run_id
+    items = [Param(k[:250], v[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[i : i + 100], tags=[RunTag(k, v) for k, v in tags.items()] if i == 0 else [])
+    return run_id
+
+
+def run_job(spec: JobSpec) -> dict[str, Any]:
+    """Train on Ray, then (driver) calibrate on the held-out normals, evaluate the test split, save the artifact,
+    log it to MLflow and register a version per domain trained with alias `challenger`. Returns a summary."""
+    from ..models.artifact import save_artifact
+    from . import registry
+    from .evaluation import evaluate, metrics_table
+
+    t0 = time.perf_counter()
+    seed_everything(spec.train.seed)
+    model = AnomalyMoE(spec.model)  # the driver's copy: segmentation (demo), then the final weights
+    model_cfg = model.cfg.to_dict()  # with the backbone's weight hash filled in
+    df, kept, train, held = _prepare_data(spec, model)
+    domains = sorted(train["domain"].unique())
+    run_name = spec.name or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(spec.output) if spec.output else REPO_ROOT / "outputs" / "train" / run_name
+    tags = {"config_hash": model.cfg.config_hash(), "manifest_hash": manifest_hash(df), "git_sha": git_sha(),
+            "domains": ",".join(domains), "workers": str(spec.workers)}
+    params = _flatten("", {"model": model_cfg, "train": spec.train.model_dump(mode="json"),
+                           "job": {"data": spec.data, "workers": spec.workers, "holdout": spec.holdout,
+                                   "alpha": spec.alpha, "storage": spec.storage}}, {})
+    run_id = _mlflow_run(spec, run_name, tags, params)
+    print(f"[train] run {run_name}: {len(train)} training images ({', '.join(domains)}), {len(held)} held out; "
+          f"{spec.workers} worker(s), {spec.train.steps} steps, global batch {spec.train.batch_size}; "
+          f"checkpoints -> {spec.storage}/{run_name}; MLflow {registry.tracking_uri()} run {run_id}", flush=True)
+    _connect_ray(spec.address)
+    import ray
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // max(1, spec.workers))
+    loop = LoopConfig(model=model_cfg, train=spec.train.model_dump(mode="json"), rows=train, kept=kept,
+                      val_rows=held if len(held) >= 2 else None, alpha=spec.alpha,
+                      checkpoint_every=spec.checkpoint_every, val_every=spec.val_every, log_every=spec.log_every,
+                      loader=spec.loader, threads=cpus, run_name=run_name,
+                      mlflow={"tracking_uri": registry.tracking_uri(), "run_id": run_id})
+    c = registry.client()
+    try:
+        result = fit_on_ray(loop, workers=spec.workers, storage_uri=spec.storage, gpu=spec.gpu,
+                            max_failures=spec.max_failures, cpus_per_worker=cpus)
+        if result.error is not None:
+            raise RuntimeError(f"training failed: {result.error}")
+        train_s = time.perf_counter() - t0
+        model, history = model_from_checkpoint(result.checkpoint, model_cfg)
+        frame = Frame.for_backbone(model.cfg.backbone)
+        print(f"[calibrate] on {len(held)} held-out normal images", flush=True)
+        model.fit_calibration(lambda: _held_batches(held, frame, kept))
+        test = df[df["split"] == "test"]
+        report = None
+        if not test.empty:
+            print(f"[evaluate] {len(test)} test images", flush=True)
+            report = evaluate(model, test, out_dir=out / "eval", kept=kept, progress=False)
+            print(metrics_table(report), flush=True)
+        save_artifact(model, out / "model", metrics=report)
+        write_json(out / "history.json", history)
+        final = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
+        if report is not None:
+            final.update({f"test_{k}": float(v) for k, v in report["mean"].items() if v == v})
+            for d, r in report.get("domains", {}).items():
+                final.update({f"test_{d}_{k}": float(v) for k, v in r.items() if isinstance(v, float) and v == v})
+        final["train_seconds"] = train_s
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        c.log_batch(run_id, metrics=[Metric(k, v, now, spec.train.steps) for k, v in final.items()])
+        c.log_artifacts(run_id, str(out / "model"), registry.ARTIFACT_PATH)
+        if (out / "eval").is_dir():
+            c.log_artifacts(run_id, str(out / "eval"), "eval")
+        c.log_artifact(run_id, str(out / "history.json"))
+        versions = {}
+        if spec.register:
+            vtags = {**tags, "run_name": run_name, "steps": str(spec.train.steps),
+                     **{k: f"{v:.6f}" for k, v in final.items() if k.startswith(("test_", "val_"))}}
+            for d in domains:
+                versions[d] = registry.register(run_id, d, vtags)
+                print(f"[registry] {registry.model_name(d)} version {versions[d]} -> alias "
+                      f"{registry.CHALLENGER}", flush=True)
+        c.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        try:
+            c.set_terminated(run_id, "FAILED")
+        except Exception:  # noqa: BLE001 - the original error matters more
+            log.warning("could not mark MLflow run %s failed", run_id)
+        raise
+    summary = {"run_name": run_name, "run_id": run_id, "versions": versions, "output": str(out),
+               "steps": int(final.get("step", spec.train.steps)), "metrics": final,
+               "seconds": round(time.perf_counter() - t0, 1)}
+    write_json(out / "summary.json", summary)
+    return summary
