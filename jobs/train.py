@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = build_spec(args)
     summary = run_job(spec)
     print(f"\nmodel artifact : {summary['output']}/model\nevaluation     : {summary['output']}/eval/metrics.md")
-    print(json.dumps(summary, default=str))
+    print("SUMMARY " + json.dumps(summary, default=str), flush=True)  # one line, for scripts and tests
     return 0
 
 
