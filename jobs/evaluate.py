@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="report directory")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--panels", type=int, default=6, help="panels per category (one per defect type)")
+    ap.add_argument("--loader", choices=("local", "ray"), default="local",
+                    help="decode in this process, or in parallel Ray Data tasks (a local Ray or RAY_ADDRESS)")
     ap.add_argument("--skip-bad-rows", action="store_true", help="drop unreadable/inconsistent rows instead of failing")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if test.empty:
         raise SystemExit(f"no {args.split!r} rows in {args.data}")
     report = evaluate(model, test, batch_size=args.batch_size, out_dir=args.out, panels_per_category=args.panels,
-                      kept=kept)
+                      kept=kept, loader=args.loader)
     print(metrics_table(report))
     print(f"report: {args.out / 'report.json'}  table: {args.out / 'metrics.md'}  panels: {args.out / 'panels'}")
     print(json.dumps({"mean": report["mean"], "images": report["num_images"],

@@ -42,7 +42,8 @@ def merge(base: dict, over: dict) -> dict:
 
 
 def build_spec(args: argparse.Namespace) -> JobSpec:
-    conf = merge(DEFAULTS, yaml.safe_load(Path(args.config).read_text()) or {} if args.config else {})
+    user = (yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else {}
+    conf = merge(DEFAULTS, user)
     unknown = set(conf) - {"preset", "model", "train", "job"}
     if unknown:
         raise SystemExit(f"--config: unknown sections {sorted(unknown)} (allowed: preset, model, train, job)")
@@ -57,7 +58,7 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
     for flag, key in (("steps", "steps"), ("batch_size", "batch_size"), ("lr", "lr"), ("seed", "seed")):
         if getattr(args, flag) is not None:
             train[key] = getattr(args, flag)
-    if args.steps is not None and "warmup_steps" not in (conf.get("train") or {}):
+    if args.steps is not None and "warmup_steps" not in (user.get("train") or {}):
         train["warmup_steps"] = max(1, args.steps // 10)
     job = dict(conf.get("job") or {})
     for k in JOB_FLAGS:

@@ -23,7 +23,7 @@ from ..models.config import LEVELS  # noqa: E402
 from ..models.scoring import LevelNorm  # noqa: E402
 from . import storage  # noqa: E402
 from .metrics import AnomalyMetrics  # noqa: E402
-from .pipeline import Frame, decode_label_map, load_rows  # noqa: E402
+from .pipeline import Frame, decode_label_map, load_rows, ray_rows, to_batch  # noqa: E402
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "f1_max", "pixel_f1_max")
 
@@ -71,6 +71,24 @@ def save_panel(path: Path, image: torch.Tensor, gt: torch.Tensor, amap: torch.Te
     plt.close(fig)
 
 
+def _decoded(df: pd.DataFrame, frame: Frame, batch_size: int, kept: dict | None, loader: str):
+    """(rows, images, component masks) per batch, in manifest order."""
+    if loader == "local":
+        for start in range(0, len(df), batch_size):
+            chunk = df.iloc[start : start + batch_size]
+            yield (chunk, *load_rows(chunk, frame, kept))
+    elif loader == "ray":
+        start = 0
+        for b in ray_rows(df, frame).iter_batches(batch_size=batch_size, batch_format="pandas", prefetch_batches=2):
+            chunk = df.iloc[start : start + len(b)]
+            if b["uri"].tolist() != chunk["uri"].tolist():
+                raise RuntimeError("Ray Data returned rows out of order")  # preserve_order is set; never expected
+            start += len(b)
+            yield (chunk, *to_batch(b, kept))
+    else:
+        raise ValueError(f"loader must be 'local' or 'ray', got {loader!r}")
+
+
 def _gt_masks(rows: pd.DataFrame, frame: Frame) -> torch.Tensor:
     size, out = frame.size, []
     for uri in rows["mask_uri"]:
@@ -110,10 +128,13 @@ class _Accumulators:
 
 @torch.no_grad()
 def evaluate(model: AnomalyMoE, manifest: pd.DataFrame, *, batch_size: int = 8, out_dir: str | Path | None = None,
-             panels_per_category: int = 6, kept: dict[str, list[int]] | None = None, progress: bool = True) -> dict:
+             panels_per_category: int = 6, kept: dict[str, list[int]] | None = None, progress: bool = True,
+             loader: str = "local") -> dict:
     """Metrics per category (key "domain/category"), defect type and group, and means per domain and overall.
     `manifest` holds the test rows (uri, domain, category, label, defect, defect_group, mask_uri,
-    component_mask_uri); `kept` maps "domain/category" to its kept component clusters."""
+    component_mask_uri); `kept` maps "domain/category" to its kept component clusters. loader "ray" decodes
+    images and label maps in parallel Ray Data tasks (pipeline.ray_rows, same order), "local" in this process;
+    the numbers are identical."""
     frame = Frame.for_backbone(model.cfg.backbone)
     out = Path(out_dir) if out_dir else None
     df = manifest.reset_index(drop=True).copy()
@@ -125,9 +146,7 @@ def evaluate(model: AnomalyMoE, manifest: pd.DataFrame, *, batch_size: int = 8, 
     rows, panels_shown = [], {}
     routing_hist: dict[str, np.ndarray] = {}
     bar = tqdm(total=len(df), desc="evaluate", disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(df), batch_size):
-        chunk = df.iloc[start : start + batch_size]
-        images, masks = load_rows(chunk, frame, kept)
+    for chunk, images, masks in _decoded(df, frame, batch_size, kept, loader):
         pred = model.predict(images, masks, chunk["cat_key"].tolist())
         maps = pred.anomaly_map  # at scoring.map_size (default: the input size): ground truth is read at that size
         gt = _gt_masks(chunk, frame.scaled(maps.shape[-1]))

@@ -216,7 +216,8 @@ def to_batch(batch: dict | pd.DataFrame, kept: dict[str, list[int]] | None = Non
     from .segmentation import component_masks
 
     imgs = np.stack(list(batch["image"]))
-    images = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div_(255.0)
+    # the same arithmetic as decode_image (numpy float32 / 255.0), so both paths give bit-identical input
+    images = torch.from_numpy(np.asarray(imgs, dtype=np.float32) / 255.0).permute(0, 3, 1, 2).contiguous()
     masks: list[Tensor | None] = []
     has = list(batch["has_labels"]) if "has_labels" in batch else [False] * len(imgs)
     doms, cats = list(batch["domain"]), list(batch["category"])

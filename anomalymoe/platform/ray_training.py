@@ -274,7 +274,6 @@ def fit_on_ray(loop: LoopConfig, *, workers: int, storage_uri: str, gpu: bool = 
             name=loop.run_name, storage_path=path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # job logs: our progress lines, not every report
         ),
     )
     return trainer.fit()

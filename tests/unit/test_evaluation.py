@@ -215,3 +215,19 @@ def test_ground_truth_goes_through_the_models_crop(tmp_path):
     ys, xs = torch.nonzero(gt[1], as_tuple=True)
     assert (ys.min().item(), ys.max().item(), xs.min().item(), xs.max().item()) == (12, 15, 12, 15)
     assert _gt_masks(rows, Frame(28)).sum(dim=(1, 2))[0] > 0  # without the crop the band is there
+
+
+def test_ray_data_loader_gives_the_same_report(setup):
+    """Decoding through Ray Data tasks (images and component label maps) changes nothing in the numbers."""
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        r = evaluate(setup["model"], setup["test"], batch_size=5, kept=setup["kept"], progress=False, loader="ray")
+    finally:
+        if started:
+            ray.shutdown()
+    same(r, setup["report"])
+    with pytest.raises(ValueError, match="loader"):
+        evaluate(setup["model"], setup["test"], kept=setup["kept"], progress=False, loader="threads")

@@ -95,3 +95,51 @@ def test_evaluate_names_a_missing_registry_model(tmp_path):
                        timeout=300, env=env)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "models:/anomalymoe-nothing@champion" in r.stderr and "cannot fetch" in r.stderr
+
+
+def _train_spec(*argv: str):
+    sys.path.insert(0, str(ROOT / "jobs"))
+    try:
+        import train  # jobs/train.py
+    finally:
+        sys.path.remove(str(ROOT / "jobs"))
+    captured = {}
+
+    def fake_run(spec):  # only the spec-building is under test here; the run itself is an integration test
+        captured["spec"] = spec
+        return {"output": "x", "run_id": "r"}
+
+    orig = train.run_job
+    train.run_job = fake_run
+    try:
+        train.main(list(argv))
+    finally:
+        train.run_job = orig
+    return captured["spec"]
+
+
+def test_train_flags_and_config_file(tmp_path):
+    spec = _train_spec()  # the embedded default: demo data, cpu-small, 60 steps, 1 worker
+    assert spec.data == ["demo"] and spec.workers == 1 and spec.train.steps == 60
+    assert spec.model.backbone.name == "vit_small_patch14_dinov2" and spec.model.router.mode == "per_level"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("preset: test-tiny\nmodel: {patch: {num: 2}}\ntrain: {lr: 0.01, batch_size: 6}\n"
+                   "job: {workers: 3, checkpoint_every: 7}\n")
+    spec = _train_spec("--config", str(cfg), "--steps", "30", "--workers", "2", "--data", "a=/x", "--data", "b=/y")
+    assert spec.model.patch.num == 2 and spec.model.global_.num == 3  # deep-merged over the preset
+    assert spec.train.lr == 0.01 and spec.train.batch_size == 6 and spec.train.steps == 30
+    assert spec.train.warmup_steps == 3  # follows --steps unless the file sets it
+    assert spec.workers == 2 and spec.checkpoint_every == 7 and spec.data == ["a=/x", "b=/y"]  # flags win
+
+
+@pytest.mark.parametrize("text, message", [
+    ("preset: nope\n", "preset"),
+    ("trian: {steps: 3}\n", "unknown sections"),
+    ("preset: test-tiny\ntrain: {lr_scale: {decoder: 2}}\n", "bad configuration"),
+    ("preset: test-tiny\njob: {wokers: 2}\n", "bad configuration"),
+])
+def test_train_rejects_bad_config_with_one_line(tmp_path, text, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    r = run("jobs/train.py", "--config", str(cfg), timeout=120)
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
