@@ -145,6 +145,20 @@ def test_submitted_job_tracks_checkpoints_and_registers(ray_head, mlflow_uri, s3
     got = download("models:/anomalymoe-textures@challenger", tmp_path / "dl")
     assert (got / "model.safetensors").read_bytes() == (out / "model" / "model.safetensors").read_bytes()
 
+    # promote it (no champion yet: artifact, calibration and smoke gates), then the champion loaded from the
+    # registry scores the test split exactly as logged at registration
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
+    r = subprocess.run([sys.executable, "jobs/promote.py", "--domain", "textures"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "promoted" in r.stdout, r.stdout + r.stderr
+    assert c.get_model_version_by_alias("anomalymoe-textures", "champion").version == v.version
+    r = subprocess.run([sys.executable, "jobs/evaluate.py", "--model", "models:/anomalymoe-textures@champion",
+                        "--data", f"textures={tiny_data[0]}", "--out", str(tmp_path / "again")], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    logged = c.download_artifacts(run.info.run_id, "eval/report.json", str(tmp_path / "logged"))
+    assert (tmp_path / "again" / "report.json").read_text() == Path(logged).read_text()
+
 
 def test_killed_worker_resumes_from_last_checkpoint(ray_head, tiny_data, tmp_path, reference):
     """SIGKILL one training worker after the first checkpoint: Ray Train restarts the worker group from the
