@@ -400,80 +400,126 @@ def _mlflow_run(spec: JobSpec, run_name: str, tags: dict[str, str], params: dict
     return run_id
 
 
-def run_job(spec: JobSpec) -> dict[str, Any]:
-    """Train on Ray, then (driver) calibrate on the held-out normals, evaluate the test split, save the artifact,
-    log it to MLflow and register a version per domain trained with alias `challenger`. Returns a summary."""
-    from ..models.artifact import save_artifact
-    from . import registry
-    from .evaluation import evaluate, metrics_table
+@dataclass
+class Prepared:
+    """The driver's side of a run before training: its model copy, data and the tags every run logs."""
 
-    t0 = time.perf_counter()
+    model: AnomalyMoE
+    model_cfg: dict
+    df: pd.DataFrame
+    kept: dict
+    train: pd.DataFrame
+    held: pd.DataFrame
+    domains: list[str]
+    tags: dict[str, str]
+
+
+def prepare(spec: JobSpec) -> Prepared:
     seed_everything(spec.train.seed)
     model = AnomalyMoE(spec.model)  # the driver's copy: segmentation (demo), then the final weights
     model_cfg = model.cfg.to_dict()  # with the backbone's weight hash filled in
     df, kept, train, held = _prepare_data(spec, model)
     domains = sorted(train["domain"].unique())
-    run_name = spec.name or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
-    out = Path(spec.output) if spec.output else REPO_ROOT / "outputs" / "train" / run_name
     tags = {"config_hash": model.cfg.config_hash(), "manifest_hash": manifest_hash(df), "git_sha": git_sha(),
             "domains": ",".join(domains), "workers": str(spec.workers)}
-    params = _flatten("", {"model": model_cfg, "train": spec.train.model_dump(mode="json"),
-                           "job": {"data": spec.data, "workers": spec.workers, "holdout": spec.holdout,
-                                   "alpha": spec.alpha, "storage": spec.storage}}, {})
-    run_id = _mlflow_run(spec, run_name, tags, params)
-    print(f"[train] run {run_name}: {len(train)} training images ({', '.join(domains)}), {len(held)} held out; "
-          f"{spec.workers} worker(s), {spec.train.steps} steps, global batch {spec.train.batch_size}; "
-          f"checkpoints -> {spec.storage}/{run_name}; MLflow {registry.tracking_uri()} run {run_id}", flush=True)
-    _connect_ray(spec.address)
+    return Prepared(model, model_cfg, df, kept, train, held, domains, tags)
+
+
+def loop_config(spec: JobSpec, prep: Prepared, run_name: str, run_id: str | None, threads: int,
+                model_cfg: dict | None = None, train: dict | None = None) -> LoopConfig:
+    from . import registry
+
+    return LoopConfig(model=model_cfg or prep.model_cfg, train=train or spec.train.model_dump(mode="json"),
+                      rows=prep.train, kept=prep.kept, val_rows=prep.held if len(prep.held) >= 2 else None,
+                      alpha=spec.alpha, checkpoint_every=spec.checkpoint_every, val_every=spec.val_every,
+                      log_every=spec.log_every, loader=spec.loader, threads=threads, run_name=run_name,
+                      mlflow={"tracking_uri": registry.tracking_uri(), "run_id": run_id} if run_id else {})
+
+
+def finish(prep: Prepared, model: AnomalyMoE, history: list[dict], run_id: str, run_name: str, out: Path, *,
+           steps: int, register: bool, extra_tags: dict[str, str] | None = None, t0: float | None = None
+           ) -> dict[str, Any]:
+    """After training (driver): calibrate on the held-out normals, evaluate the test split, save the artifact, log
+    metrics and artifacts to the MLflow run, register a version per domain (alias challenger). Returns a summary."""
+    from mlflow.entities import Metric
+
+    from ..models.artifact import save_artifact
+    from . import registry
+    from .evaluation import evaluate, metrics_table
+
+    c = registry.client()
+    frame = Frame.for_backbone(model.cfg.backbone)
+    print(f"[calibrate] on {len(prep.held)} held-out normal images", flush=True)
+    model.fit_calibration(lambda: _held_batches(prep.held, frame, prep.kept))
+    test = prep.df[prep.df["split"] == "test"]
+    report = None
+    if not test.empty:
+        print(f"[evaluate] {len(test)} test images", flush=True)
+        report = evaluate(model, test, out_dir=out / "eval", kept=prep.kept, progress=False)
+        print(metrics_table(report), flush=True)
+    save_artifact(model, out / "model", metrics=report)
+    write_json(out / HISTORY, history)
+    final = {k: float(v) for k, v in (history[-1] if history else {}).items() if isinstance(v, int | float)}
+    if report is not None:
+        final.update({f"test_{k}": float(v) for k, v in report["mean"].items() if v == v})
+        for d, r in report.get("domains", {}).items():
+            final.update({f"test_{d}_{k}": float(v) for k, v in r.items() if isinstance(v, float) and v == v})
+    if t0 is not None:
+        final["run_seconds"] = time.perf_counter() - t0  # start to evaluated model
+    now = int(time.time() * 1000)
+    c.log_batch(run_id, metrics=[Metric(k, v, now, steps) for k, v in final.items() if np.isfinite(v)])
+    c.log_artifacts(run_id, str(out / "model"), registry.ARTIFACT_PATH)
+    if (out / "eval").is_dir():
+        c.log_artifacts(run_id, str(out / "eval"), "eval")
+    c.log_artifact(run_id, str(out / HISTORY))
+    versions = {}
+    if register:
+        vtags = {**prep.tags, **(extra_tags or {}), "run_name": run_name, "steps": str(steps),
+                 **{k: f"{v:.6f}" for k, v in final.items() if k.startswith(("test_", "val_"))}}
+        for d in prep.domains:
+            versions[d] = registry.register(run_id, d, vtags)
+            print(f"[registry] {registry.model_name(d)} version {versions[d]} -> alias {registry.CHALLENGER}",
+                  flush=True)
+    summary = {"run_name": run_name, "run_id": run_id, "versions": versions, "output": str(out),
+               "steps": int(final.get("step", steps)), "metrics": final}
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def cpus_per_worker(workers: int) -> int:
     import ray
 
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // max(1, spec.workers))
-    loop = LoopConfig(model=model_cfg, train=spec.train.model_dump(mode="json"), rows=train, kept=kept,
-                      val_rows=held if len(held) >= 2 else None, alpha=spec.alpha,
-                      checkpoint_every=spec.checkpoint_every, val_every=spec.val_every, log_every=spec.log_every,
-                      loader=spec.loader, threads=cpus, run_name=run_name,
-                      mlflow={"tracking_uri": registry.tracking_uri(), "run_id": run_id})
+    return max(1, int(ray.cluster_resources().get("CPU", 1)) // max(1, workers))
+
+
+def run_job(spec: JobSpec) -> dict[str, Any]:
+    """Train on Ray, then finish on the driver (calibrate, evaluate, save, log, register). Returns a summary."""
+    from . import registry
+
+    t0 = time.perf_counter()
+    prep = prepare(spec)
+    run_name = spec.name or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(spec.output) if spec.output else REPO_ROOT / "outputs" / "train" / run_name
+    params = _flatten("", {"model": prep.model_cfg, "train": spec.train.model_dump(mode="json"),
+                           "job": {"data": spec.data, "workers": spec.workers, "holdout": spec.holdout,
+                                   "alpha": spec.alpha, "storage": spec.storage}}, {})
+    run_id = _mlflow_run(spec, run_name, prep.tags, params)
+    print(f"[train] run {run_name}: {len(prep.train)} training images ({', '.join(prep.domains)}), "
+          f"{len(prep.held)} held out; {spec.workers} worker(s), {spec.train.steps} steps, global batch "
+          f"{spec.train.batch_size}; checkpoints -> {spec.storage}/{run_name}; MLflow {registry.tracking_uri()} "
+          f"run {run_id}", flush=True)
+    _connect_ray(spec.address)
+    cpus = cpus_per_worker(spec.workers)
     c = registry.client()
     try:
-        result = fit_on_ray(loop, workers=spec.workers, storage_uri=spec.storage, gpu=spec.gpu,
-                            max_failures=spec.max_failures, cpus_per_worker=cpus)
+        result = fit_on_ray(loop_config(spec, prep, run_name, run_id, cpus), workers=spec.workers,
+                            storage_uri=spec.storage, gpu=spec.gpu, max_failures=spec.max_failures,
+                            cpus_per_worker=cpus)
         if result.error is not None:
             raise RuntimeError(f"training failed: {result.error}")
-        train_s = time.perf_counter() - t0
-        model, history = model_from_checkpoint(result.checkpoint, model_cfg)
-        frame = Frame.for_backbone(model.cfg.backbone)
-        print(f"[calibrate] on {len(held)} held-out normal images", flush=True)
-        model.fit_calibration(lambda: _held_batches(held, frame, kept))
-        test = df[df["split"] == "test"]
-        report = None
-        if not test.empty:
-            print(f"[evaluate] {len(test)} test images", flush=True)
-            report = evaluate(model, test, out_dir=out / "eval", kept=kept, progress=False)
-            print(metrics_table(report), flush=True)
-        save_artifact(model, out / "model", metrics=report)
-        write_json(out / "history.json", history)
-        final = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
-        if report is not None:
-            final.update({f"test_{k}": float(v) for k, v in report["mean"].items() if v == v})
-            for d, r in report.get("domains", {}).items():
-                final.update({f"test_{d}_{k}": float(v) for k, v in r.items() if isinstance(v, float) and v == v})
-        final["train_seconds"] = train_s
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        c.log_batch(run_id, metrics=[Metric(k, v, now, spec.train.steps) for k, v in final.items()])
-        c.log_artifacts(run_id, str(out / "model"), registry.ARTIFACT_PATH)
-        if (out / "eval").is_dir():
-            c.log_artifacts(run_id, str(out / "eval"), "eval")
-        c.log_artifact(run_id, str(out / "history.json"))
-        versions = {}
-        if spec.register:
-            vtags = {**tags, "run_name": run_name, "steps": str(spec.train.steps),
-                     **{k: f"{v:.6f}" for k, v in final.items() if k.startswith(("test_", "val_"))}}
-            for d in domains:
-                versions[d] = registry.register(run_id, d, vtags)
-                print(f"[registry] {registry.model_name(d)} version {versions[d]} -> alias "
-                      f"{registry.CHALLENGER}", flush=True)
+        model, history = model_from_checkpoint(result.checkpoint, prep.model_cfg)
+        summary = finish(prep, model, history, run_id, run_name, out, steps=spec.train.steps,
+                         register=spec.register, t0=t0)
         c.set_terminated(run_id, "FINISHED")
     except BaseException:
         try:
@@ -481,8 +527,6 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         except Exception:  # noqa: BLE001 - the original error matters more
             log.warning("could not mark MLflow run %s failed", run_id)
         raise
-    summary = {"run_name": run_name, "run_id": run_id, "versions": versions, "output": str(out),
-               "steps": int(final.get("step", spec.train.steps)), "metrics": final,
-               "seconds": round(time.perf_counter() - t0, 1)}
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(out / "summary.json", summary)
     return summary
