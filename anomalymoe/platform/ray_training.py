@@ -350,8 +350,9 @@ def _connect_ray(address: str | None) -> None:
         ray.init(address=address or None)
         return
     path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    ray.init(address=address or None, runtime_env={"env_vars": {"PYTHONPATH": path}},
-             **({} if address or os.environ.get("RAY_ADDRESS") else {"include_dashboard": False}))
+    # a local Ray keeps its dashboard: Ray Train's placement-group cleaner asks the state API (served by it) whether
+    # a controller is gone, and without it the resources of a killed run (an ASHA-stopped trial) are never freed
+    ray.init(address=address or None, runtime_env={"env_vars": {"PYTHONPATH": path}})
 
 
 def _prepare_data(spec: JobSpec, model: AnomalyMoE):

@@ -178,7 +178,8 @@ def run_tune(spec: JobSpec, *, trials: int, max_concurrent: int | None = None, g
         search, algo = None, "random"
     path, fs = storage_config(spec.storage)
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(run_trial, base=base), {"CPU": 0}),
+        # the trial actor only waits on its Train run: no CPU (a bundle may not be empty, so a token of memory)
+        tune.with_resources(tune.with_parameters(run_trial, base=base), {"CPU": 0, "memory": 1 << 20}),
         param_space=space,
         tune_config=tune.TuneConfig(
             metric=OBJECTIVE, mode="max", num_samples=trials, search_alg=search,

@@ -246,3 +246,40 @@ def test_one_and_two_workers_give_matching_loss_curves(ray_head, tiny_data, tmp_
     assert rel[len(rel) // 2] < 0.10, rel
     assert sum(diff) / len(diff) < 0.05 * span, (diff, span)
     assert one[STEPS] < one[1] and two[STEPS] < two[1]  # both learn
+
+
+def test_tune_runs_trials_stops_some_early_and_registers_the_best(ray_head, tiny_data, tmp_path):
+    """jobs/tune.py: 4 trials (each a Ray Train run), ASHA stops at least one at a validation rung, MLflow holds a
+    parent run with one child per trial, and the best finished trial's model is registered with its config."""
+    from mlflow import MlflowClient
+
+    env = driver_env(ray_head, tmp_path)
+    summary = run_driver(["jobs/tune.py", "--config", str(tiny_data[1]), "--data", f"textures={tiny_data[0]}",
+                          "--steps", "16", "--trials", "4", "--name", "search", "--storage", str(tmp_path / "runs"),
+                          "--output", str(tmp_path / "out"), "--experiment", "itune"], env, tmp_path / "log",
+                         timeout=900)
+    assert summary["trials"] == 4 and summary["stopped_early"] >= 1, summary
+    c = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    parent = c.get_run(summary["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["best_trial"] == summary["best_trial"]
+    assert "best_val_score" in parent.data.metrics
+    exp = parent.info.experiment_id
+    children = c.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 4
+    stopped = [r for r in children if r.data.tags.get("stopped_early") == "true"]
+    assert len(stopped) == summary["stopped_early"] and all(r.info.status == "KILLED" for r in stopped)
+    best = next(r for r in children if r.data.tags["trial_id"] == summary["best_trial"])
+    assert best.info.status == "FINISHED" and best.data.metrics["step"] == 16  # ran every step
+    assert best.data.params["train.lr"] == str(summary["best_config"]["train.lr"])
+    assert {"loss", "val_score", "test_image_auroc"} <= set(best.data.metrics)
+    v = c.get_model_version_by_alias("anomalymoe-textures", "challenger")
+    assert v.run_id == best.info.run_id and v.version == summary["versions"]["textures"]
+    assert v.tags["tune_parent_run"] == parent.info.run_id
+    assert float(v.tags["tune.train.lr"]) == pytest.approx(summary["best_config"]["train.lr"])
+    cfg = json.loads((tmp_path / "out" / "model" / "config.json").read_text())["model"]
+    for key, value in summary["best_config"].items():  # the registered model is built with the best config
+        section, name = key.split(".")
+        if section != "train" and not key.startswith("router.top_k"):
+            assert cfg[section][name] == value, key
+    trials = (tmp_path / "out" / "trials.csv").read_text().splitlines()
+    assert len(trials) == 5 and "val_score" in trials[0]
