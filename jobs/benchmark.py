@@ -372,21 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--loader", choices=("ray", "local"), default="ray")
     t.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    if args.which == "train":
-        res = bench_train(args)
-        print(train_table(res), flush=True)
-        if args.json:
-            print(json.dumps(res))
-        return 0
-    if args.which == "ablation":
-        res = bench_ablation(args)
-        print(ablation_table(res), flush=True)
-        if args.json:
-            print(json.dumps(res))
-        return 0
-    res = bench_model(args)
-    print(table(res), flush=True)
-    if args.out:
+    run, show = {"model": (bench_model, table), "ablation": (bench_ablation, ablation_table),
+                 "train": (bench_train, train_table)}[args.which]
+    res = run(args)
+    print(show(res), flush=True)
+    if getattr(args, "out", None) and args.which == "model":
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=2) + "\n")
     if args.json:

@@ -115,15 +115,20 @@ class Trainer:
             with torch.no_grad():
                 pairs = m(images, masks, images_ae, step=self.step_num).eir_pairs
         est = 0.0
-        if pairs:
+        # Data parallel: every rank joins the estimator's gradient average, also a rank whose batch gave no expert
+        # pair (it contributes zeros). Skipping it there left the ranks in different collectives: gloo aborted
+        # (measured with per-level top-1 routing, 4 images per rank).
+        if pairs or self.grad_sync is not None:
             self.est_opt.zero_grad(set_to_none=True)
-            est_loss = m.mi_estimator.learning_loss(pairs)
-            est_loss.backward()
+            if pairs:
+                est_loss = m.mi_estimator.learning_loss(pairs)
+                est_loss.backward()
+                est = float(est_loss.detach())
             if self.grad_sync is not None:
                 self.grad_sync(list(m.mi_estimator.parameters()))
-            torch.nn.utils.clip_grad_norm_(m.mi_estimator.parameters(), cfg.grad_clip)
-            self.est_opt.step()
-            est = float(est_loss.detach())
+            if any(p.grad is not None for p in m.mi_estimator.parameters()):
+                torch.nn.utils.clip_grad_norm_(m.mi_estimator.parameters(), cfg.grad_clip)
+                self.est_opt.step()
         t3 = time.perf_counter()
         self.step_num += 1
         r = out.routing

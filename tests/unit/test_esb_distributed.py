@@ -78,3 +78,43 @@ def test_gradients_are_averaged_for_sparse_experts():
         assert shared == [1.5, 1.5, 1.5]
         assert only0 == [2.0, 2.0, 2.0]  # (4 + 0) / 2: the global-batch mean of a per-sample-summed loss
         assert nobody is None  # the optimiser skips it, as in single-process training
+
+
+def _step_worker(rank: int, world: int, port: int, out) -> None:
+    import dataclasses
+
+    from anomalymoe.models.anomalymoe import AnomalyMoE
+    from anomalymoe.models.config import presets
+    from anomalymoe.platform.distributed import average_gradients
+    from anomalymoe.platform.trainer import TrainConfig, Trainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = AnomalyMoE(presets()["test-tiny"])
+        if rank == 1:  # this rank's batch yields no expert pair for the EIR estimator
+            forward = model.forward
+            model.forward = lambda *a, **k: dataclasses.replace(forward(*a, **k), eir_pairs=[])
+        before = [p.detach().clone() for p in model.mi_estimator.parameters()]
+        trainer = Trainer(model, TrainConfig(steps=3, batch_size=2, warmup_steps=1), grad_sync=average_gradients)
+        images = torch.rand(2, 3, 56, 56, generator=torch.Generator().manual_seed(rank))
+        recs = [trainer.step(images) for _ in range(2)]
+        after = [p.detach() for p in model.mi_estimator.parameters()]
+        out[rank] = (torch.cat([a.flatten() for a in after]), max((a - b).abs().max().item()
+                                                                  for a, b in zip(after, before, strict=True)),
+                     [r["estimator_nll"] for r in recs])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_train_step_when_one_rank_has_no_estimator_pairs():
+    """Both ranks join the estimator's gradient average even when one had no pair (a regression: the ranks ended
+    up in different collectives and gloo aborted); the estimators stay identical and still learn."""
+    out = mp.Manager().dict()
+    mp.spawn(_step_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    w0, moved0, nll0 = out[0]
+    w1, moved1, nll1 = out[1]
+    assert torch.equal(w0, w1)
+    assert moved0 > 0 and moved1 > 0  # rank 1 stepped with rank 0's averaged gradient
+    assert all(v != 0 for v in nll0) and all(v == 0 for v in nll1)
