@@ -28,14 +28,14 @@ def paste_defects(images: Tensor, seed: int, first_index: int = 0) -> tuple[Tens
     flipped and shifted in brightness and colour. Seeded per image by (seed, index): the same image gets the same
     defect in every run. Returns (defective images, masks [B, H, W] bool)."""
     b, _, h, w = images.shape
-    out, masks = images.clone(), torch.zeros(b, h, w, dtype=torch.bool)
+    out, masks = images.clone(), torch.zeros(b, h, w, dtype=torch.bool)  # masks stay on the CPU (metrics)
     for i in range(b):
         rng = np.random.default_rng([seed, first_index + i])
         ph, pw = (max(2, int(rng.uniform(0.08, 0.25) * n)) for n in (h, w))
         y0, x0 = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
         sy, sx = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
         patch = images[i, :, sy : sy + ph, sx : sx + pw].flip(-1).flip(-2)
-        shift = torch.from_numpy(rng.uniform(-0.35, 0.35, size=(3, 1, 1)).astype(np.float32))
+        shift = torch.from_numpy(rng.uniform(-0.35, 0.35, size=(3, 1, 1)).astype(np.float32)).to(images.device)
         out[i, :, y0 : y0 + ph, x0 : x0 + pw] = (patch + shift).clamp(0, 1)
         masks[i, y0 : y0 + ph, x0 : x0 + pw] = True
     return out, masks
@@ -68,11 +68,17 @@ def validate(model: AnomalyMoE, batches: Iterable[Batch] | Callable[[], Iterable
     held = list(batches() if callable(batches) else batches)
     calib, scored = split_batches(held, seed)
     saved = copy.deepcopy(model.calibration)
+    device = next(model.parameters()).device
+
+    def on_device(batches: list[Batch]) -> list[Batch]:
+        return [(images.to(device), [m.to(device) if m is not None else None for m in masks] if masks else masks,
+                 cats) for images, masks, cats in batches]
+
     try:
-        model.fit_calibration(calib)
+        model.fit_calibration(on_device(calib))
         m = AnomalyMetrics(pixel=True)
         first = 0
-        for images, masks, cats in scored:
+        for images, masks, cats in on_device(scored):
             bad, bad_masks = paste_defects(images, seed, first)
             first += images.shape[0]
             for imgs, lab, gt in ((images, 0, None), (bad, 1, bad_masks)):
@@ -82,7 +88,7 @@ def validate(model: AnomalyMoE, batches: Iterable[Batch] | Callable[[], Iterable
                     gt = torch.zeros(imgs.shape[0], size, size, dtype=torch.bool)
                 elif gt.shape[-1] != size:
                     gt = torch.nn.functional.interpolate(gt[:, None].float(), size=(size, size))[:, 0] > 0.5
-                m.update(p.score, torch.full((imgs.shape[0],), lab), p.anomaly_map, gt)
+                m.update(p.score.cpu(), torch.full((imgs.shape[0],), lab), p.anomaly_map.float().cpu(), gt)
         r = m.compute()
     finally:
         model.calibration = saved
