@@ -200,11 +200,19 @@ def run_tune(spec: JobSpec, *, trials: int, max_concurrent: int | None = None, g
         out.mkdir(parents=True, exist_ok=True)
         table.to_csv(out / "trials.csv", index=False)
         print("[tune] trials:\n" + table.drop(columns=["checkpoint_path"]).to_string(index=False), flush=True)
-        for row in rows:  # ASHA ends a trial by killing its actor: its child run is closed here
+        # Tune ends a trial by killing its actor (ASHA at a rung, and also at max_t, possibly before run_trial
+        # closes its run): every child run's status is set here from what the trial reached
+        for row in rows:
             found = c.search_runs([exp], filter_string=f"tags.trial_id = '{row['trial_id']}'", max_results=1)
-            if found and row["steps"] < steps and not row["error"]:
+            if not found:
+                continue
+            if row["error"]:
+                c.set_terminated(found[0].info.run_id, "FAILED")
+            elif row["steps"] < steps:
                 c.set_tag(found[0].info.run_id, "stopped_early", "true")
                 c.set_terminated(found[0].info.run_id, "KILLED")
+            else:
+                c.set_terminated(found[0].info.run_id, "FINISHED")
         done = table[(table["steps"] >= steps) & table["checkpoint_path"].notna() & (table["error"] == "")]
         if done.empty:
             raise RuntimeError("no trial finished all steps; see trials.csv")
