@@ -136,7 +136,7 @@ def test_submitted_job_tracks_checkpoints_and_registers(ray_head, mlflow_uri, s3
     assert {"model/model.safetensors", "model/config.json", "model/calibration.json", "model/metrics.json"} <= arts
     assert "eval/report.json" in {a.path for a in c.list_artifacts(run.info.run_id, "eval")}
     v = c.get_model_version_by_alias("anomalymoe-textures", "challenger")
-    assert v.run_id == run.info.run_id and v.version == summary["versions"]["textures"]
+    assert v.run_id == run.info.run_id and str(v.version) == summary["versions"]["textures"]
     assert v.tags["config_hash"] == run.data.tags["config_hash"] and v.tags["run_name"] == "submitted"
     assert float(v.tags["test_image_auroc"]) == pytest.approx(run.data.metrics["test_image_auroc"], abs=1e-6)
     # the registered artifact is the model the job wrote
@@ -273,7 +273,7 @@ def test_tune_runs_trials_stops_some_early_and_registers_the_best(ray_head, tiny
     assert best.data.params["train.lr"] == str(summary["best_config"]["train.lr"])
     assert {"loss", "val_score", "test_image_auroc"} <= set(best.data.metrics)
     v = c.get_model_version_by_alias("anomalymoe-textures", "challenger")
-    assert v.run_id == best.info.run_id and v.version == summary["versions"]["textures"]
+    assert v.run_id == best.info.run_id and str(v.version) == summary["versions"]["textures"]
     assert v.tags["tune_parent_run"] == parent.info.run_id
     assert float(v.tags["tune.train.lr"]) == pytest.approx(summary["best_config"]["train.lr"])
     cfg = json.loads((tmp_path / "out" / "model" / "config.json").read_text())["model"]
