@@ -25,8 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 import yaml  # noqa: E402
 
 from anomalymoe.models.config import ModelConfig, presets  # noqa: E402
+from anomalymoe.platform.checkpoint import CheckpointError  # noqa: E402
+from anomalymoe.platform.manifest import ManifestError  # noqa: E402
 from anomalymoe.platform.ray_training import JobSpec, run_job  # noqa: E402
+from anomalymoe.platform.registry import RegistryError  # noqa: E402
+from anomalymoe.platform.storage import StorageError  # noqa: E402
 from anomalymoe.platform.trainer import TrainConfig  # noqa: E402
+
+USER_ERRORS = (FileNotFoundError, ManifestError, StorageError, CheckpointError, RegistryError)
 
 # the embedded default: the demo's CPU-sized settings
 DEFAULTS = {"preset": "cpu-small", "train": {"steps": 60, "batch_size": 8, "lr": 2e-3, "warmup_steps": 6}}
@@ -104,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     spec = build_spec(args)
-    summary = run_job(spec)
+    try:
+        summary = run_job(spec)
+    except USER_ERRORS as e:  # a user's mistake or an unreachable service: one message, no stack trace
+        raise SystemExit(f"train: {e}") from None
     print(f"\nmodel artifact : {summary['output']}/model\nevaluation     : {summary['output']}/eval/metrics.md")
     print("SUMMARY " + json.dumps(summary, default=str), flush=True)  # one line, for scripts and tests
     return 0

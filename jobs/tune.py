@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
-from train import build_spec  # noqa: E402  (jobs/train.py: the same flags mean the same here)
+from train import USER_ERRORS, build_spec  # noqa: E402  (jobs/train.py: the same flags mean the same here)
 
 from anomalymoe.platform.tuning import run_tune  # noqa: E402
 
@@ -49,8 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         setattr(args, flag, None)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     spec = build_spec(args)
-    summary = run_tune(spec, trials=args.trials, max_concurrent=args.max_concurrent, grace=args.rung,
-                       seed=spec.train.seed)
+    try:
+        summary = run_tune(spec, trials=args.trials, max_concurrent=args.max_concurrent, grace=args.rung,
+                           seed=spec.train.seed)
+    except USER_ERRORS as e:
+        raise SystemExit(f"tune: {e}") from None
     print(f"\nbest trial {summary['best_trial']}: {summary['best_config']}")
     print(f"trials table : {summary['output']}/trials.csv\nmodel        : {summary['output']}/model")
     print("SUMMARY " + json.dumps(summary, default=str), flush=True)

@@ -143,3 +143,10 @@ def test_train_rejects_bad_config_with_one_line(tmp_path, text, message):
     cfg.write_text(text)
     r = run("jobs/train.py", "--config", str(cfg), timeout=120)
     assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_train_missing_data_is_one_clear_line(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("preset: test-tiny\n")
+    r = run("jobs/train.py", "--config", str(cfg), "--data", str(tmp_path / "nowhere"), timeout=120)
+    assert r.returncode != 0 and "no such dataset root" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
