@@ -98,11 +98,15 @@ class Frame:
         return im.crop((off, off, off + self.size, off + self.size))
 
 
+def decode_rgb(data: bytes, frame: int | Frame) -> np.ndarray:
+    """Encoded bytes -> uint8 [size, size, 3] through the frame's geometry (what Ray decode tasks ship)."""
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(Frame.of(frame).apply(im.convert("RGB"), Image.BILINEAR))
+
+
 def decode_image(data: bytes, frame: int | Frame) -> Tensor:
     """Encoded bytes -> [3, size, size] float in [0, 1]."""
-    with Image.open(io.BytesIO(data)) as im:
-        im = Frame.of(frame).apply(im.convert("RGB"), Image.BILINEAR)
-        return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.asarray(decode_rgb(data, frame), dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 
 def decode_label_map(data: bytes, frame: int | Frame) -> np.ndarray:
@@ -127,6 +131,16 @@ def load_rows(rows: pd.DataFrame, frame: int | Frame, kept: dict[str, list[int]]
         else:
             masks.append(None)
     return torch.stack(images), masks
+
+
+def category_batches(rows: pd.DataFrame, frame: int | Frame, kept: dict[str, list[int]] | None, batch_size: int = 8
+                     ) -> Iterator[tuple[Tensor, list[Tensor | None], list[str]]]:
+    """(images, masks, "domain/category" keys) in row order: what calibration and validation consume (keyed by
+    domain too, since two domains may share a category name)."""
+    for start in range(0, len(rows), batch_size):
+        chunk = rows.iloc[start : start + batch_size]
+        images, masks = load_rows(chunk, frame, kept)
+        yield images, masks, (chunk["domain"] + "/" + chunk["category"]).tolist()
 
 
 def local_epochs(df: pd.DataFrame, frame: int | Frame, batch_size: int, *, seed: int = 0, alpha: float = 0.0,
@@ -186,8 +200,7 @@ def ray_rows(rows: pd.DataFrame, frame: int | Frame, *, read_concurrency: int = 
     def decode(batch: pd.DataFrame) -> pd.DataFrame:
         imgs, labs, has = [], [], []
         for r in batch.itertuples(index=False):
-            with Image.open(io.BytesIO(storage.read_bytes(r.uri))) as im:
-                imgs.append(np.asarray(geometry.apply(im.convert("RGB"), Image.BILINEAR)))
+            imgs.append(decode_rgb(storage.read_bytes(r.uri), geometry))
             cm = getattr(r, "component_mask_uri", None)
             has.append(isinstance(cm, str) and bool(cm))
             labs.append(decode_label_map(storage.read_bytes(cm), geometry) if has[-1]

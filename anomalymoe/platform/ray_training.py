@@ -32,7 +32,7 @@ from ..models.anomalymoe import AnomalyMoE
 from ..models.config import ModelConfig
 from . import storage
 from .checkpoint import load_training_state, load_weights, save_training_state
-from .pipeline import Frame, load_rows, ray_rows, step_rows, to_batch
+from .pipeline import Frame, category_batches, load_rows, ray_rows, step_rows, to_batch
 from .trainer import TrainConfig, Trainer, seed_everything
 
 log = logging.getLogger(__name__)
@@ -82,13 +82,6 @@ def _batches(cfg: LoopConfig, tcfg: TrainConfig, frame: Frame, start: int, rank:
             for b in ds.iter_batches(batch_size=local, batch_format="pandas", prefetch_batches=2, drop_last=False):
                 yield to_batch(b, cfg.kept)
         step = stop
-
-
-def _held_batches(rows: pd.DataFrame, frame: Frame, kept: dict, batch_size: int = 8):
-    for s in range(0, len(rows), batch_size):
-        chunk = rows.iloc[s : s + batch_size]
-        images, masks = load_rows(chunk, frame, kept)
-        yield images, masks, (chunk["domain"] + "/" + chunk["category"]).tolist()
 
 
 def _mean_over_ranks(rec: dict[str, float], keys: tuple[str, ...], world: int) -> dict[str, float]:
@@ -197,7 +190,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 last or (cfg.val_every and step % cfg.val_every == 0)):
             from .validation import validate
 
-            metrics.update(validate(model, lambda: _held_batches(cfg.val_rows, frame, cfg.kept), seed=tcfg.seed))
+            metrics.update(validate(model, lambda: category_batches(cfg.val_rows, frame, cfg.kept), seed=tcfg.seed))
         if rank == 0:
             eta = (tcfg.steps - step) * elapsed / max(1, step - start_step)
             parts = " ".join(f"{k}={metrics[k]:.4f}" for k in ("loss", "patch", "global", "component", "esb", "eir")
@@ -451,7 +444,7 @@ def finish(prep: Prepared, model: AnomalyMoE, history: list[dict], run_id: str, 
     c = registry.client()
     frame = Frame.for_backbone(model.cfg.backbone)
     print(f"[calibrate] on {len(prep.held)} held-out normal images", flush=True)
-    model.fit_calibration(lambda: _held_batches(prep.held, frame, prep.kept))
+    model.fit_calibration(lambda: category_batches(prep.held, frame, prep.kept))
     test = prep.df[prep.df["split"] == "test"]
     report = None
     if not test.empty:

@@ -172,7 +172,7 @@ def train_and_calibrate(model: AnomalyMoE, train_rows, cfg: TrainConfig, *, hold
     """Fit on the normal training rows of a manifest minus a held-out share per category, then fit the
     calibration on that share (normal images never seen in training, never the test split).
     Returns (loss history, held-out rows)."""
-    from .pipeline import Frame, holdout_split, load_rows, local_epochs  # local: keeps the step importable alone
+    from .pipeline import Frame, category_batches, holdout_split, local_epochs  # local: keeps the step importable alone
 
     frame = Frame.for_backbone(model.cfg.backbone)
     normal = train_rows[(train_rows["split"] == "train") & (train_rows["label"] == 0)]
@@ -183,12 +183,6 @@ def train_and_calibrate(model: AnomalyMoE, train_rows, cfg: TrainConfig, *, hold
     epochs = local_epochs(train, frame, bs, seed=cfg.seed, alpha=alpha, kept=kept)
     history = fit(model, lambda: next(epochs), cfg, progress=progress)
     if not held.empty:
-        def held_batches():
-            for start in range(0, len(held), cfg.batch_size):
-                chunk = held.iloc[start : start + cfg.batch_size]
-                images, masks = load_rows(chunk, frame, kept)
-                # calibration is keyed "domain/category": two domains may share a category name
-                yield images, masks, (chunk["domain"] + "/" + chunk["category"]).tolist()
-
-        model.fit_calibration(held_batches)  # a callable: streamed twice (slot statistics, then levels)
+        # a callable: streamed twice (slot statistics, then levels)
+        model.fit_calibration(lambda: category_batches(held, frame, kept, cfg.batch_size))
     return history, held
