@@ -279,7 +279,7 @@ def bench_train(args) -> dict:
 
     from anomalymoe.platform.ray_training import (
         JobSpec,
-        _connect_ray,
+        connect_ray,
         cpus_per_worker,
         fit_on_ray,
         loop_config,
@@ -293,7 +293,7 @@ def bench_train(args) -> dict:
                    data=["demo"], domains=["textures"], storage=str(tmp), checkpoint_every=args.steps, log_every=1,
                    register=False, loader=args.loader)
     prep = prepare(spec)
-    _connect_ray(None)
+    connect_ray(None)
     import ray
 
     res = {"benchmark": "train", "command": "python jobs/benchmark.py " + " ".join(sys.argv[1:]),

@@ -331,7 +331,7 @@ def _flatten(prefix: str, d: Any, out: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def _connect_ray(address: str | None) -> None:
+def connect_ray(address: str | None) -> None:
     """Inside `ray job submit` the job's runtime env (working dir) already ships this code. A driver started by
     hand (a local Ray, or RAY_ADDRESS / --address of a head on this machine) points its workers at this
     checkout; on a multi-node cluster submit the job with --working-dir instead."""
@@ -502,7 +502,7 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
           f"{len(prep.held)} held out; {spec.workers} worker(s), {spec.train.steps} steps, global batch "
           f"{spec.train.batch_size}; checkpoints -> {spec.storage}/{run_name}; MLflow {registry.tracking_uri()} "
           f"run {run_id}", flush=True)
-    _connect_ray(spec.address)
+    connect_ray(spec.address)
     cpus = cpus_per_worker(spec.workers)
     c = registry.client()
     try:

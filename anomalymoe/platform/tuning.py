@@ -32,8 +32,8 @@ from ..models.config import ModelConfig
 from .ray_training import (
     REPO_ROOT,
     JobSpec,
-    _connect_ray,
     _flatten,
+    connect_ray,
     finish,
     loop_config,
     model_from_checkpoint,
@@ -154,7 +154,7 @@ def run_tune(spec: JobSpec, *, trials: int, max_concurrent: int | None = None, g
     items = [Param(k[:250], v[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):
         c.log_batch(parent, params=items[i : i + 100])
-    _connect_ray(spec.address)
+    connect_ray(spec.address)
     import ray
     import ray.train
 

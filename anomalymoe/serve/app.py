@@ -1,0 +1,98 @@
+"""Application builders (the `import_path`s of the rendered Serve config) and deployment.
+
+`deploy(cfg)` resolves each domain's alias to a version once, renders the Serve config with those versions
+pinned, and runs every application of that document with `serve.run` — the same document `serve deploy` takes
+(`jobs/serve.py render`). `push(cfg)` does it again after a promotion: only the scorers' user_config changes,
+so Serve reconfigures the running replicas in place (no restart, no lost request)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from .config import OPS_APP, ServeConfig, render
+from .inference import resolve
+
+log = logging.getLogger(__name__)
+
+
+def _options(app: dict[str, Any], name: str) -> dict[str, Any]:
+    d = next(x for x in app.get("deployments", []) if x["name"] == name)
+    opts = {k: v for k, v in d.items() if k != "name"}
+    if app.get("runtime_env"):
+        opts["ray_actor_options"] = {**opts.get("ray_actor_options", {}), "runtime_env": app["runtime_env"]}
+    return opts
+
+
+def _app_doc(args: dict[str, Any], name: str) -> dict[str, Any]:
+    """This application's entry of the rendered document (deployment options come from it, nowhere else)."""
+    cfg = ServeConfig.model_validate(args["config"])
+    doc = next(a for a in render(cfg, args.get("pins"))["applications"] if a["name"] == name)
+    return {**doc, "runtime_env": doc.get("runtime_env") or {}}
+
+
+def domain_app(args: dict[str, Any]) -> Application:
+    """``anomalymoe.serve.app:domain_app``: Ingress → Scorer for args["domain"]."""
+    from .ingress import Ingress
+    from .scorer import Scorer
+
+    doc = _app_doc(args, args["domain"])
+    scorer = Scorer.options(**_options(doc, "Scorer")).bind(args["domain"], args["config"])
+    return Ingress.options(**_options(doc, "Ingress")).bind(args["domain"], args["config"], scorer)
+
+
+def ops_app(args: dict[str, Any]) -> Application:
+    """``anomalymoe.serve.app:ops_app``: health, readiness, metrics and the shared ServeState."""
+    from .ops import Ops, ServeState
+
+    doc = _app_doc(args, OPS_APP)
+    state = ServeState.options(**_options(doc, "ServeState")).bind()
+    return Ops.options(**_options(doc, "Ops")).bind(args["config"], state)
+
+
+def pins(cfg: ServeConfig) -> dict[str, dict[str, str]]:
+    """domain → {"uri": the concrete version URI, "version"}: each alias resolved once, here."""
+    out = {}
+    for d in cfg.domains:
+        _, version, concrete = resolve(d.model_uri)
+        out[d.domain] = {"uri": concrete, "version": version, "alias": d.model_uri}
+    return out
+
+
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                 "AWS_DEFAULT_REGION", "AWS_REGION", "ANOMALYMOE_S3_ENDPOINT")
+
+
+def with_driver_env(cfg: ServeConfig) -> ServeConfig:
+    """The registry and S3 settings of this process handed to the replicas (they do not inherit the driver's
+    environment); values the config sets win."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    return cfg.model_copy(update={"env": {**env, **cfg.env}}) if env else cfg
+
+
+def deploy(cfg: ServeConfig, pinned: dict[str, dict[str, str]] | None = None, only: list[str] | None = None
+           ) -> dict[str, dict[str, str]]:
+    """Run every application of the rendered config on the connected Ray cluster (starting Serve's proxy on
+    cfg.host:cfg.port if it is not running). Returns the pins it deployed."""
+    pinned = pins(cfg) if pinned is None else pinned
+    doc = render(with_driver_env(cfg), pinned)
+    serve.start(http_options=doc["http_options"])
+    for app in doc["applications"]:
+        if only and app["name"] not in only:
+            continue
+        module, _, fn = app["import_path"].partition(":")
+        builder = getattr(importlib.import_module(module), fn)
+        serve.run(builder({**app["args"], "pins": pinned}), name=app["name"], route_prefix=app["route_prefix"],
+                  blocking=False)
+        log.info("deployed %s at %s", app["name"], app["route_prefix"])
+    return pinned
+
+
+def push(cfg: ServeConfig) -> dict[str, dict[str, str]]:
+    """After a promotion: resolve the aliases again and redeploy; unchanged domains are left alone by Serve."""
+    return deploy(cfg)

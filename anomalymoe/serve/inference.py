@@ -1,0 +1,169 @@
+"""What a scorer replica does with a batch, free of Ray Serve so it can be tested alone: load the artifact a
+model URI names, decode the request bodies, run one forward pass for the batch, and shape each image's answer
+(DESIGN.md §5): raw and normalised score, threshold, verdict, the per-level contributions and the routing that
+explain it, and optionally the anomaly map as a base64 PNG overlay.
+
+Requests are scored without component masks: those come from `jobs/segment.py`'s per-category clusters,
+which an artifact does not carry yet, so the component experts sit out and the patch and global levels score
+(the same as `jobs/evaluate.py` on data without component masks)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..models.anomalymoe import AnomalyMoE
+from ..models.artifact import load_artifact
+from ..models.config import LEVELS
+from ..models.scoring import DEFAULT_KEY
+from ..platform import registry
+from ..platform.pipeline import Frame, decode_rgb
+
+Image.MAX_IMAGE_PIXELS = None  # the ingress checks sizes against the configured limit before anything decodes
+
+
+@dataclass
+class Loaded:
+    model: AnomalyMoE
+    name: str  # registered model name (or the artifact path)
+    version: str
+    uri: str  # what was asked for (an alias URI, a version URI or a path)
+    frame: Frame
+
+    def describe(self, variant: str | None = None) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "uri": self.uri, "variant": variant}
+
+
+def resolve(uri: str) -> tuple[str, str, str]:
+    """(name, version, concrete URI) for a model URI; an alias is resolved to a version here, once."""
+    if uri.startswith("models:/"):
+        ref = uri.removeprefix("models:/")
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            from mlflow.exceptions import MlflowException
+
+            try:
+                v = registry.client().get_model_version_by_alias(name, alias)
+            except MlflowException as e:
+                raise registry.RegistryError(f"{uri}: {name} has no version under alias {alias!r} "
+                                             f"(MLflow at {registry.tracking_uri()}): {e}") from e
+            return name, str(v.version), f"models:/{name}/{v.version}"
+        name, _, version = ref.partition("/")
+        return name, version, uri
+    return uri.rstrip("/"), "local", uri
+
+
+def load(uri: str, threads: int | None = None) -> Loaded:
+    """Resolve, download and strictly load an artifact (never unpickles)."""
+    if threads:
+        torch.set_num_threads(threads)
+    name, version, concrete = resolve(uri)
+    path = registry.download(concrete, Path(tempfile.mkdtemp(prefix="anomalymoe-serve-")))
+    model = load_artifact(path)
+    if version == "local":
+        version = model.cfg.config_hash()[:12]
+    return Loaded(model, name, version, uri, Frame.for_backbone(model.cfg.backbone))
+
+
+class InputError(ValueError):
+    """An image that cannot be scored; `status` is the HTTP status the ingress answers with."""
+
+    def __init__(self, message: str, status: int = 400, code: str = "bad_image"):
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+def decode(data: bytes, frame: Frame) -> torch.Tensor:
+    try:
+        rgb = decode_rgb(data, frame)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's truncated/corrupt
+        raise InputError(f"the image cannot be decoded: {e}") from None
+    return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+def category_key(loaded: Loaded, domain: str, category: str | None) -> str | None:
+    """The calibration key for a request's ?category= (``domain/category``); None → the pooled threshold."""
+    if not category:
+        return None
+    key = category if "/" in category else f"{domain}/{category}"
+    if key not in loaded.model.calibration.scores:
+        known = sorted(k for k in loaded.model.calibration.scores if k != DEFAULT_KEY)
+        raise InputError(f"unknown category {category!r} for this model (known: {known})", 400, "unknown_category")
+    return key
+
+
+def overlay_png(image: torch.Tensor, amap: torch.Tensor, alpha: float = 0.5) -> str:
+    """The anomaly map (calibrated units, colour scale 0..max(1, peak) as in the evaluation panels) over the
+    image, as a base64 PNG."""
+    from matplotlib import colormaps
+
+    m = amap.float().numpy()
+    if image.shape[-1] != m.shape[-1]:
+        image = torch.nn.functional.interpolate(image[None], size=m.shape, mode="bilinear", align_corners=False)[0]
+    rgb = image.permute(1, 2, 0).clamp(0, 1).numpy()
+    heat = colormaps["jet"](np.clip(m / max(1.0, float(m.max())), 0, 1))[..., :3]
+    out = ((1 - alpha) * rgb + alpha * heat) * 255
+    buf = io.BytesIO()
+    Image.fromarray(out.round().astype(np.uint8)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _f(x: float) -> float | None:
+    return None if math.isnan(x) else float(x)
+
+
+def score_batch(loaded: Loaded, items: list[dict[str, Any]], domain: str, variant: str | None = None
+                ) -> list[dict[str, Any]]:
+    """Each item: {"data": bytes, "category": str|None, "map": bool, "enqueued": time.time()}.
+    Returns one dict per item: the response body, or {"error": {"status", "code", "message"}}."""
+    t0 = time.time()
+    out: list[dict[str, Any] | None] = [None] * len(items)
+    images, cats, keep = [], [], []
+    for i, it in enumerate(items):
+        try:
+            cat = category_key(loaded, domain, it.get("category"))
+            images.append(decode(it["data"], loaded.frame))
+        except InputError as e:
+            out[i] = {"error": {"status": e.status, "code": e.code, "message": str(e)}}
+            continue
+        cats.append(cat)
+        keep.append(i)
+    t1 = time.time()
+    if keep:
+        p = loaded.model.predict(torch.stack(images), None, cats)
+        t2 = time.time()
+        routing = p.routing
+        names = [f"{lv}.{j}" for lv in LEVELS for j in range(routing.level_slices[lv].stop
+                                                              - routing.level_slices[lv].start)]
+        for b, i in enumerate(keep):
+            w, sel = routing.weights[b].cpu(), routing.mask[b].cpu()
+            body: dict[str, Any] = {
+                "model": loaded.describe(variant),
+                "category": cats[b],
+                "score": float(p.score[b]),
+                "normalized_score": _f(float(p.normalized_score[b])),
+                "is_anomaly": bool(p.is_anomaly[b]),
+                "threshold": _f(float(p.threshold[b])),
+                "levels": {lv: {"used": bool(p.present[b, j]), "routing_mass": float(p.level_mass[b, j]),
+                                "score": _f(float(p.level_scores[b, j]))} for j, lv in enumerate(LEVELS)},
+                "experts": sorted(({"expert": names[e], "weight": float(w[e])} for e in np.flatnonzero(sel.numpy())),
+                                  key=lambda x: -x["weight"]),
+                "timings_ms": {"queue": round(1000 * (t0 - items[i]["enqueued"]), 2),
+                               "decode": round(1000 * (t1 - t0) / len(items), 2),
+                               "model": round(1000 * (t2 - t1), 2), "batch_size": len(keep)},
+            }
+            if items[i].get("map"):
+                body["anomaly_map"] = {"png_base64": overlay_png(images[b], p.anomaly_map[b]),
+                                       "size": int(p.anomaly_map.shape[-1]), "peak": float(p.anomaly_map[b].max())}
+            out[i] = body
+    return out  # type: ignore[return-value]

@@ -1,0 +1,364 @@
+"""The per-domain HTTP ingress (FastAPI on Ray Serve) in front of the domain's Scorer.
+
+Per request, in this order, each refusal a JSON error {"error": {"code", "message", "request_id"}}:
+  request id      X-Request-ID taken from the request when well-formed (else a new one), echoed on every response
+  401 / 403       Bearer key → tenant (hashed keys, constant-time compare) → the tenant may use this domain
+  429             the tenant's token bucket (shared service-wide through ServeState), with Retry-After
+  415             content type not an accepted image type nor multipart/form-data (nothing read yet)
+  413             Content-Length or the bytes read over the limit; then width/height from the image header
+  400             empty body, not an image, truncated/corrupt (found when the scorer decodes it)
+  503 / 504       no scorer replica answered after `retries` re-sends / in `request_timeout_s`
+A request whose scorer replica dies is re-sent to another replica (up to `retries` times), so a killed replica
+costs latency, not answers."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .config import ServeConfig
+from .metrics import Metrics
+from .ops import push_metrics, readiness, state_handle
+from .ratelimit import Buckets, retry_after
+from .tenants import Tenant, TenantCache
+
+log = logging.getLogger("ray.serve")
+Image.MAX_IMAGE_PIXELS = None  # sizes are checked against the configured limits below, before decoding
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+# ------------------------------------------------------------------------------------------------ response models
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    request_id: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    uri: str
+    variant: str | None = None
+
+
+class LevelInfo(BaseModel):
+    used: bool
+    routing_mass: float
+    score: float | None = None
+
+
+class ExpertWeight(BaseModel):
+    expert: str
+    weight: float
+
+
+class AnomalyMap(BaseModel):
+    png_base64: str
+    size: int
+    peak: float
+
+
+class ScoreResponse(BaseModel):
+    request_id: str
+    model: ModelInfo
+    category: str | None = None
+    score: float
+    normalized_score: float | None = None
+    is_anomaly: bool
+    threshold: float | None = None
+    levels: dict[str, LevelInfo]
+    experts: list[ExpertWeight]
+    timings_ms: dict[str, float]
+    anomaly_map: AnomalyMap | None = None
+
+
+ERRORS = {s: {"model": ErrorResponse, "description": d} for s, d in {
+    400: "empty, undecodable or truncated image; unknown category", 401: "no, unknown or revoked API key",
+    403: "the tenant may not use this domain", 413: "body or image dimensions over the limit",
+    415: "content type not accepted", 429: "over the tenant's rate (see Retry-After)",
+    503: "no model loaded / no scorer replica", 504: "the scorer did not answer in time"}.items()}
+IMAGE_BODY = {"requestBody": {"required": True, "content": {
+    **{t: {"schema": {"type": "string", "format": "binary"}} for t in ("image/png", "image/jpeg", "image/bmp",
+                                                                          "image/tiff", "image/webp")},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
+        "image": {"type": "string", "format": "binary"}, "category": {"type": "string"}}}}}}}
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def bearer_key(request: Request) -> str:
+    auth = request.headers.get("authorization", "")
+    scheme, _, key = auth.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise ApiError(401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'")
+    return key.strip()
+
+
+def media_type(request: Request, accepted: tuple[str, ...]) -> str:
+    ct = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ct == "multipart/form-data" or ct in accepted:
+        return ct
+    raise ApiError(415, "unsupported_media_type",
+                   f"content type {ct or '(none)'!r} not accepted: send one of {list(accepted)} or multipart/form-data")
+
+
+async def read_capped(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ApiError(400, "bad_request", f"Content-Length {declared!r} is not a number")
+        if int(declared) > limit:
+            raise ApiError(413, "payload_too_large", f"body of {int(declared)} bytes is over the {limit}-byte limit")
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit:
+            raise ApiError(413, "payload_too_large", f"body is over the {limit}-byte limit")
+    return bytes(buf)
+
+
+def check_image(data: bytes, max_pixels: int, max_side: int) -> tuple[int, int]:
+    """Width and height from the header only (nothing decoded); refuses non-images and oversized images."""
+    if not data:
+        raise ApiError(400, "empty_body", "the request has no image")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ApiError(400, "bad_image", f"the body is not a readable image: {e}") from None
+    if w * h > max_pixels or max(w, h) > max_side:
+        raise ApiError(413, "image_too_large", f"image of {w}×{h} px is over the limit "
+                                               f"({max_pixels} px, {max_side} px a side)")
+    return w, h
+
+
+async def image_and_category(request: Request, ctype: str, body: bytes, query_category: str | None
+                             ) -> tuple[bytes, str | None]:
+    if ctype != "multipart/form-data":
+        return body, query_category
+    request._body = body  # starlette parses the form from the bytes already read (and capped)
+    try:
+        form = await request.form()
+    except Exception as e:  # noqa: BLE001 - malformed multipart
+        raise ApiError(400, "bad_request", f"malformed multipart body: {e}") from None
+    part = form.get("image")
+    if part is None or isinstance(part, str):
+        raise ApiError(400, "bad_request", "multipart body needs a file field 'image'")
+    data = await part.read()
+    category = form.get("category")
+    return data, category if isinstance(category, str) and category else query_category
+
+
+# ------------------------------------------------------------------------------------------------ the app
+router = APIRouter()
+
+
+@router.post("/score", response_model=ScoreResponse, responses=ERRORS, openapi_extra=IMAGE_BODY,
+             summary="Score one image: anomaly score, verdict, the levels and experts behind it")
+async def score(request: Request,
+                map: bool = Query(False, description="add the anomaly map as a base64 PNG overlay"),  # noqa: A002
+                category: str | None = Query(None, description="the image's category (its threshold); "
+                                                               "default: the domain's pooled threshold")
+                ) -> JSONResponse:
+    return await _current().score(request, map, category)
+
+
+@router.get("/readyz", summary="200 when this domain's model is loaded, else 503",
+            responses={503: {"description": "no scorer replica of this domain has its model loaded"}})
+async def domain_readyz(request: Request) -> JSONResponse:
+    ing = _current()
+    ok, by = await readiness([ing.domain])
+    return JSONResponse(by[ing.domain], status_code=200 if ok else 503)
+
+
+_INGRESS: Ingress | None = None  # this replica's instance (Serve serves a copy of `api`, so not in api.state)
+
+
+def _current() -> Ingress:
+    if _INGRESS is None:
+        raise ApiError(503, "unavailable", "the ingress is still starting")
+    return _INGRESS
+
+
+def _error(request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+    rid = getattr(request.state, "request_id", None) or uuid.uuid4().hex
+    return JSONResponse({"error": {"code": code, "message": message, "request_id": rid}}, status_code=status,
+                        headers=headers)
+
+
+def build_api(title: str) -> FastAPI:
+    api = FastAPI(title=title, version="1", docs_url=None, redoc_url=None)
+    api.include_router(router)
+
+    @api.middleware("http")
+    async def request_id(request: Request, call_next):
+        # Serve's proxy passes the client's X-Request-ID on (or makes one) and echoes it on the response itself
+        rid = request.headers.get("x-request-id", "")
+        request.state.request_id = rid if REQUEST_ID.match(rid) else uuid.uuid4().hex
+        response = await call_next(request)
+        if request.state.request_id != rid:
+            response.headers["X-Request-ID"] = request.state.request_id
+        return response
+
+    @api.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return _error(request, e.status, e.code, e.message, e.headers)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        return _error(request, e.status_code, code, str(e.detail))
+
+    @api.exception_handler(RequestValidationError)
+    async def bad_params(request: Request, e: RequestValidationError):
+        return _error(request, 400, "bad_request", "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}"
+                                                             for x in e.errors()))
+
+    return api
+
+
+api = build_api("AnomalyMoE scoring")
+
+
+def _retryable() -> tuple[type[BaseException], ...]:
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    return (RayActorError, ActorDiedError, ActorUnavailableError)
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, domain: str, config: dict[str, Any], scorer: Any):
+        self.cfg = ServeConfig.model_validate(config)
+        self.domain, self.scorer = domain, scorer
+        self.tenants = TenantCache(self.cfg.tenants_location, self.cfg.tenants_refresh_s)
+        self.tenants.refresh(force=True)
+        self.local_buckets = Buckets()
+        self.metrics = Metrics()
+        self._refreshing = asyncio.Lock()
+        self._flusher: asyncio.Task | None = None
+        self._scope_warned = False
+        # this class is shipped to the replica by value (the module's `Ingress` name is the Deployment), so its
+        # globals are a copy: register in the real module, where the routes look
+        import anomalymoe.serve.ingress as module
+
+        module._INGRESS = self
+
+    async def _tenant(self, request: Request) -> Tenant:
+        key = bearer_key(request)
+        if time.monotonic() - self.tenants.loaded_at >= self.tenants.refresh_s and not self._refreshing.locked():
+            async with self._refreshing:
+                await asyncio.to_thread(self.tenants.refresh)
+        tenant, why = self.tenants.authenticate(key)
+        if tenant is None:
+            raise ApiError(401, "unauthorized", why)
+        if not tenant.allows(self.domain):
+            raise ApiError(403, "forbidden", f"tenant {tenant.name!r} may not use the {self.domain!r} domain")
+        return tenant
+
+    async def _admit(self, tenant: Tenant) -> str:
+        rate = tenant.rate or self.cfg.default_rate
+        h, wait, scope = state_handle(), None, "service"
+        if h is not None:
+            try:
+                wait = await asyncio.wait_for(h.take.remote(tenant.name, rate.per_second, rate.burst), timeout=2.0)
+            except Exception as e:  # noqa: BLE001 - the shared state is down: limit per replica, and say so
+                if not self._scope_warned:
+                    log.warning("ServeState unreachable (%s): rate limits now hold per ingress replica", e)
+                    self._scope_warned = True
+        if wait is None:
+            scope = "replica"
+            wait = self.local_buckets.take(tenant.name, rate.per_second, rate.burst)
+        if wait > 0:
+            self.metrics.inc("anomalymoe_rate_limited_total", tenant=tenant.name, domain=self.domain)
+            raise ApiError(429, "rate_limited", f"tenant {tenant.name!r} is over {rate.per_second}/s "
+                                                f"(burst {rate.burst}); retry in {wait:.2f} s",
+                           {"Retry-After": retry_after(wait), "X-RateLimit-Scope": scope})
+        return scope
+
+    async def _call(self, item: dict[str, Any], variant: str | None) -> dict[str, Any]:
+        handle = self.scorer.options(multiplexed_model_id=variant) if variant else self.scorer
+        last: BaseException | None = None
+        for attempt in range(self.cfg.retries + 1):
+            try:
+                return await asyncio.wait_for(handle.score.remote(item), timeout=self.cfg.request_timeout_s)
+            except _retryable() as e:  # the replica died with the request: send it again (another replica)
+                last = e
+                log.warning("scorer replica lost a request (attempt %d): %s", attempt + 1, type(e).__name__)
+                await asyncio.sleep(min(0.2 * 2**attempt, 2.0))
+            except TimeoutError:
+                raise ApiError(504, "timeout", f"the scorer did not answer in {self.cfg.request_timeout_s} s") \
+                    from None
+        raise ApiError(503, "unavailable", f"no scorer replica answered after {self.cfg.retries + 1} attempts: "
+                                           f"{type(last).__name__}")
+
+    async def score(self, request: Request, want_map: bool, category: str | None) -> JSONResponse:
+        t0 = time.perf_counter()
+        self._start_flusher()
+        tenant_name, status, code = "-", 200, "ok"
+        try:
+            tenant = await self._tenant(request)
+            tenant_name = tenant.name
+            scope = await self._admit(tenant)
+            lim = self.cfg.limits
+            ctype = media_type(request, lim.content_types)
+            body = await read_capped(request, lim.max_body_bytes)
+            data, category = await image_and_category(request, ctype, body, category)
+            check_image(data, lim.max_pixels, lim.max_side)
+            variant = tenant.variants.get(self.domain)
+            t_in = time.perf_counter()
+            out = await self._call({"data": data, "category": category, "map": want_map, "variant": variant or ""},
+                                   variant)
+            if "error" in out:
+                e = out["error"]
+                raise ApiError(e["status"], e["code"], e["message"])
+            out["timings_ms"]["ingress"] = round(1000 * (t_in - t0), 2)
+            out["timings_ms"]["total"] = round(1000 * (time.perf_counter() - t0), 2)
+            rid = request.state.request_id
+            return JSONResponse({"request_id": rid, **out}, headers={"X-RateLimit-Scope": scope})
+        except ApiError as e:
+            status, code = e.status, e.code
+            raise
+        except Exception as e:
+            status, code = 500, "internal"
+            log.exception("scoring failed")
+            raise ApiError(500, "internal", f"{type(e).__name__}: {e}"[:500]) from None
+        finally:
+            self.metrics.inc("anomalymoe_requests_total", domain=self.domain, tenant=tenant_name, code=status)
+            if status >= 400:
+                self.metrics.inc("anomalymoe_errors_total", domain=self.domain, tenant=tenant_name, code=code)
+            self.metrics.observe("anomalymoe_request_duration_seconds", time.perf_counter() - t0,
+                                 domain=self.domain, tenant=tenant_name)
+
+    def _start_flusher(self) -> None:
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        source = f"ingress-{self.domain}-{serve.get_replica_context().replica_id.unique_id}"
+        while True:
+            await asyncio.sleep(1.0)
+            await push_metrics(self.metrics, source)

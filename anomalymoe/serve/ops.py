@@ -1,0 +1,117 @@
+"""The `ops` application at ``/``: service-wide health, readiness and metrics, and ServeState, the one replica
+that holds what must be shared by every domain and ingress replica (tenant token buckets, aggregated metrics).
+
+``GET /v1/healthz``  the proxy and this app answer (liveness)
+``GET /v1/readyz``   200 when every configured domain has a scorer replica with its model loaded, else 503
+``GET /metrics``     Prometheus text format, summed over all replicas"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import JSONResponse, PlainTextResponse
+from ray import serve
+
+from .config import OPS_APP, ServeConfig
+from .metrics import Metrics
+from .ratelimit import Buckets
+
+log = logging.getLogger("ray.serve")
+READY_TIMEOUT_S = 3.0
+
+
+@serve.deployment(name="ServeState", num_replicas=1)
+class ServeState:
+    def __init__(self):
+        self.buckets = Buckets()
+        self.metrics = Metrics()
+
+    def take(self, tenant: str, rate: float, burst: int) -> float:
+        return self.buckets.take(tenant, rate, burst)
+
+    def push(self, delta: dict[str, Any], source: str) -> None:
+        self.metrics.merge(delta, source)
+
+    def render(self) -> str:
+        return self.metrics.render()
+
+
+_state_handle = None
+
+
+def state_handle():
+    """The ServeState handle, or None when the ops app is not deployed (callers then fall back, and say so)."""
+    global _state_handle
+    if _state_handle is None:
+        try:
+            _state_handle = serve.get_deployment_handle("ServeState", app_name=OPS_APP)
+        except Exception:  # noqa: BLE001 - RayServeException when the app does not exist
+            return None
+    return _state_handle
+
+
+async def push_metrics(metrics: Metrics, source: str) -> None:
+    h = state_handle()
+    delta = metrics.drain()
+    if h is None:
+        return
+    try:
+        await asyncio.wait_for(h.push.remote(delta, source), timeout=5.0)
+    except Exception as e:  # noqa: BLE001 - metrics must never break scoring; the counts are put back
+        metrics.merge({"counters": delta["counters"], "hists": delta["hists"]})
+        log.warning("could not push metrics to ServeState: %s", e)
+
+
+async def readiness(domains: list[str], timeout: float = READY_TIMEOUT_S) -> tuple[bool, dict[str, Any]]:
+    """Ask one scorer replica of each domain what it serves; a replica still loading does not answer in time."""
+    async def one(d: str) -> dict[str, Any]:
+        try:
+            h = serve.get_deployment_handle("Scorer", app_name=d)
+            return await asyncio.wait_for(h.info.remote(), timeout=timeout)
+        except Exception as e:  # noqa: BLE001 - not deployed, still starting, or dead: not ready, with the reason
+            return {"domain": d, "ready": False, "reason": f"{type(e).__name__}: {e}"[:300]}
+
+    results = await asyncio.gather(*(one(d) for d in domains))
+    by = {r["domain"]: r for r in results}
+    return all(r["ready"] for r in results), by
+
+
+router = APIRouter()
+_DOMAINS: list[str] = []  # set by this replica's Ops (Serve serves a copy of ops_api, so not in its state)
+
+
+@router.get("/v1/healthz", summary="Liveness of the service")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/v1/readyz", summary="200 once every domain's model is loaded, else 503",
+            responses={503: {"description": "a domain has no scorer with a loaded model yet"}})
+async def readyz() -> JSONResponse:
+    ok, by = await readiness(_DOMAINS)
+    return JSONResponse({"ready": ok, "domains": by}, status_code=200 if ok else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics of the whole service", response_class=PlainTextResponse)
+async def metrics() -> PlainTextResponse:
+    h = state_handle()
+    text = await h.render.remote() if h is not None else ""
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+ops_api = FastAPI(title="AnomalyMoE service operations", docs_url=None, redoc_url=None)
+ops_api.include_router(router)
+
+
+@serve.deployment(name="Ops", num_replicas=1)
+@serve.ingress(ops_api)
+class Ops:
+    def __init__(self, config: dict[str, Any], state: Any):
+        cfg = ServeConfig.model_validate(config)
+        import anomalymoe.serve.ops as module  # the class arrives by value: set the real module's global
+
+        module._DOMAINS[:] = [d.domain for d in cfg.domains]
+        self.state = state  # bound so Serve deploys ServeState with this app

@@ -1,0 +1,50 @@
+"""Per-tenant token buckets. The service keeps them in one place (the ops app's ServeState replica), so a
+tenant's rate holds across every ingress replica and domain. Should that replica be unreachable, each ingress
+replica falls back to its own buckets (a tenant may then get up to rate × ingress replicas) and says so in the
+`X-RateLimit-Scope: replica` header and in the log."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenBucket:
+    rate: float  # tokens per second
+    burst: int  # capacity
+    tokens: float = field(default=-1.0)
+    stamp: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self):
+        if self.tokens < 0:
+            self.tokens = float(self.burst)
+
+    def take(self, now: float | None = None, n: float = 1.0) -> float:
+        """0.0 when `n` tokens were taken, else the seconds until they will be there (nothing taken)."""
+        now = time.monotonic() if now is None else now
+        self.tokens = min(float(self.burst), self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= n:
+            self.tokens -= n
+            return 0.0
+        return (n - self.tokens) / self.rate
+
+
+class Buckets:
+    """One bucket per tenant; a changed rate or burst replaces the tenant's bucket."""
+
+    def __init__(self):
+        self._b: dict[str, TokenBucket] = {}
+
+    def take(self, tenant: str, rate: float, burst: int, now: float | None = None) -> float:
+        b = self._b.get(tenant)
+        if b is None or b.rate != rate or b.burst != burst:
+            b = self._b[tenant] = TokenBucket(rate, burst)
+        return b.take(now)
+
+
+def retry_after(wait_s: float) -> str:
+    """The Retry-After header: whole seconds, at least 1."""
+    return str(max(1, math.ceil(wait_s)))
