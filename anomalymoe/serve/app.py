@@ -29,6 +29,15 @@ def _options(app: dict[str, Any], name: str) -> dict[str, Any]:
     return opts
 
 
+def _versioned(deployment: Any, app: dict[str, Any]) -> Any:
+    """The deployment with a fixed code version (the config's hash). `serve deploy` derives one from the config;
+    `serve.run` gives every call a random one unless set, and then a promotion (only user_config changes) would
+    replace every replica instead of reconfiguring it in place. Ray 2.60 removed `version` from `.options()`,
+    so it is set on the attribute `serve.run` reads; tests/integration/test_serve.py checks the replicas stay."""
+    deployment._version = f"{app['args']['config_hash']}-{deployment.name}"
+    return deployment
+
+
 def _app_doc(args: dict[str, Any], name: str) -> dict[str, Any]:
     """This application's entry of the rendered document (deployment options come from it, nowhere else)."""
     cfg = ServeConfig.model_validate(args["config"])
@@ -42,8 +51,8 @@ def domain_app(args: dict[str, Any]) -> Application:
     from .scorer import Scorer
 
     doc = _app_doc(args, args["domain"])
-    scorer = Scorer.options(**_options(doc, "Scorer")).bind(args["domain"], args["config"])
-    return Ingress.options(**_options(doc, "Ingress")).bind(args["domain"], args["config"], scorer)
+    scorer = _versioned(Scorer.options(**_options(doc, "Scorer")), doc).bind(args["domain"], args["config"])
+    return _versioned(Ingress.options(**_options(doc, "Ingress")), doc).bind(args["domain"], args["config"], scorer)
 
 
 def ops_app(args: dict[str, Any]) -> Application:
@@ -51,8 +60,8 @@ def ops_app(args: dict[str, Any]) -> Application:
     from .ops import Ops, ServeState
 
     doc = _app_doc(args, OPS_APP)
-    state = ServeState.options(**_options(doc, "ServeState")).bind()
-    return Ops.options(**_options(doc, "Ops")).bind(args["config"], state)
+    state = _versioned(ServeState.options(**_options(doc, "ServeState")), doc).bind()
+    return _versioned(Ops.options(**_options(doc, "Ops")), doc).bind(args["config"], state)
 
 
 def pins(cfg: ServeConfig) -> dict[str, dict[str, str]]:

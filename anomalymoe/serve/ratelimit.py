@@ -24,8 +24,8 @@ class TokenBucket:
     def take(self, now: float | None = None, n: float = 1.0) -> float:
         """0.0 when `n` tokens were taken, else the seconds until they will be there (nothing taken)."""
         now = time.monotonic() if now is None else now
-        self.tokens = min(float(self.burst), self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
+        self.tokens = min(float(self.burst), self.tokens + max(0.0, now - self.stamp) * self.rate)
+        self.stamp = max(self.stamp, now)
         if self.tokens >= n:
             self.tokens -= n
             return 0.0
@@ -39,9 +39,10 @@ class Buckets:
         self._b: dict[str, TokenBucket] = {}
 
     def take(self, tenant: str, rate: float, burst: int, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
         b = self._b.get(tenant)
         if b is None or b.rate != rate or b.burst != burst:
-            b = self._b[tenant] = TokenBucket(rate, burst)
+            b = self._b[tenant] = TokenBucket(rate, burst, stamp=now)
         return b.take(now)
 
 

@@ -1,0 +1,234 @@
+"""The scoring service's logic without a cluster: the typed config and the Serve document it renders, the
+tenant store (hashed keys, revocation, reload), token buckets, metrics aggregation and text format, the
+ingress's input checks, a batch through the scorer's inference, and the OpenAPI document kept in the repo."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pydantic import ValidationError
+
+from anomalymoe.serve import config as sc
+from anomalymoe.serve.ingress import ApiError, check_image
+from anomalymoe.serve.metrics import Metrics
+from anomalymoe.serve.ratelimit import Buckets, TokenBucket, retry_after
+from anomalymoe.serve.tenants import KeyIndex, TenantCache, TenantStore
+
+pytestmark = pytest.mark.unit
+
+
+def png(w: int = 32, h: int = 32, mode: str = "RGB", seed: int = 0) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).convert(mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------ config
+def test_config_validates_batching_and_names():
+    with pytest.raises(ValidationError, match="max_ongoing_requests"):
+        sc.DomainConfig(domain="textures", max_batch_size=16, max_ongoing_requests=8)
+    with pytest.raises(ValidationError, match="domain"):
+        sc.DomainConfig(domain="ops")
+    with pytest.raises(ValidationError, match="twice"):
+        sc.ServeConfig(domains=[sc.DomainConfig(domain="a"), sc.DomainConfig(domain="a")])
+    with pytest.raises(ValidationError, match="min_replicas"):
+        sc.Autoscaling(min_replicas=3, max_replicas=2)
+    with pytest.raises(ValidationError):
+        sc.ServeConfig.model_validate({"prot": 1})  # a typo is an error, not a silently ignored key
+
+
+def test_render_is_a_valid_serve_config_with_one_app_per_domain():
+    from ray.serve.schema import ServeDeploySchema
+
+    cfg = sc.ServeConfig(domains=[sc.DomainConfig(domain="textures", max_batch_size=4,
+                                                  autoscaling=sc.Autoscaling(min_replicas=1, max_replicas=3)),
+                                  sc.DomainConfig(domain="objects")])
+    doc = sc.render(cfg, {"textures": {"uri": "models:/anomalymoe-textures/7", "version": "7"}})
+    ServeDeploySchema.model_validate(doc)  # the schema `serve deploy` and KubeRay's RayService accept
+    apps = {a["name"]: a for a in doc["applications"]}
+    assert set(apps) == {"ops", "textures", "objects"}
+    assert apps["ops"]["route_prefix"] == "/" and apps["textures"]["route_prefix"] == "/v1/textures"
+    scorer = next(d for d in apps["textures"]["deployments"] if d["name"] == "Scorer")
+    assert scorer["autoscaling_config"]["max_replicas"] == 3
+    assert scorer["max_ongoing_requests"] >= 4
+    assert scorer["user_config"] == {"uri": "models:/anomalymoe-textures/7", "version": "7"}
+    objects = next(d for d in apps["objects"]["deployments"] if d["name"] == "Scorer")
+    assert objects["user_config"] == {"uri": "models:/anomalymoe-objects@champion"}  # unpinned: resolved on load
+    assert {a["args"]["config_hash"] for a in doc["applications"]} == {cfg.config_hash()}
+    # the YAML round-trips to the same document, without YAML anchors
+    import yaml
+
+    text = sc.render_yaml(cfg)
+    assert "&id" not in text and yaml.safe_load(text) == sc.render(cfg)
+
+
+def test_infra_serve_config_is_rendered_from_its_typed_config():
+    from anomalymoe.serve.config import REPO_ROOT, load_config, render_yaml
+
+    typed = REPO_ROOT / "infra" / "serve" / "local.yaml"
+    rendered = REPO_ROOT / "infra" / "serve" / "local.serve.yaml"
+    assert rendered.read_text() == render_yaml(load_config(typed)), \
+        "infra/serve/local.serve.yaml is stale: python jobs/serve.py render --config infra/serve/local.yaml " \
+        "--out infra/serve/local.serve.yaml"
+
+
+# ------------------------------------------------------------------------------------------------ tenants
+def test_tenant_keys_are_hashed_and_revocable(tmp_path):
+    store = TenantStore(str(tmp_path / "tenants.json"))
+    key = store.add("acme", ["textures"], sc.RateLimit(per_second=2, burst=3), {"textures": "models:/x/1"})
+    raw = (tmp_path / "tenants.json").read_text()
+    assert key not in raw and key.split("_")[2] not in raw  # only the hash is stored
+    idx = KeyIndex(store.load())
+    tenant, why = idx.authenticate(key)
+    assert tenant and tenant.name == "acme" and tenant.allows("textures") and not tenant.allows("objects")
+    assert tenant.rate.per_second == 2 and tenant.variants == {"textures": "models:/x/1"}
+    assert idx.authenticate(key[:-1] + ("A" if key[-1] != "A" else "B")) == (None, "unknown API key")
+    assert idx.authenticate("not-a-key")[0] is None
+    second = store.rotate("acme")
+    assert KeyIndex(store.load()).authenticate(key)[0] is not None  # rotation keeps the old key until revoked
+    store.revoke(key)  # by the key itself
+    idx = KeyIndex(store.load())
+    assert idx.authenticate(key) == (None, "revoked API key")
+    assert idx.authenticate(second)[0].name == "acme"
+    store.revoke("acme")  # every key of the tenant
+    assert KeyIndex(store.load()).authenticate(second) == (None, "revoked API key")
+    with pytest.raises(ValueError, match="exists"):
+        store.add("acme", ["textures"])
+    listing = store.listing()
+    assert listing[0]["tenant"] == "acme" and all("sha256" not in k for k in listing[0]["keys"])
+
+
+def test_tenant_cache_picks_up_changes_and_keeps_last_good_copy(tmp_path):
+    uri = tmp_path / "tenants.json"
+    store = TenantStore(str(uri))
+    key = store.add("acme", ["*"])
+    cache = TenantCache(str(uri), refresh_s=0.05)
+    cache.refresh(force=True)
+    assert cache.authenticate(key)[0].allows("anything")
+    store.revoke("acme")
+    time.sleep(0.06)
+    cache.refresh()
+    assert cache.authenticate(key) == (None, "revoked API key")
+    uri.write_text("{broken")
+    time.sleep(0.06)
+    cache.refresh()
+    assert cache.error and cache.authenticate(key) == (None, "revoked API key")  # last good copy kept
+
+
+# ------------------------------------------------------------------------------------------------ rate limits
+def test_token_bucket():
+    b = TokenBucket(rate=2.0, burst=3, stamp=100.0)
+    assert [b.take(100.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    wait = b.take(100.0)
+    assert wait == pytest.approx(0.5)
+    assert b.take(100.5) == 0.0  # refilled one token in 0.5 s
+    assert retry_after(0.01) == "1" and retry_after(2.2) == "3"
+    buckets = Buckets()
+    assert buckets.take("a", 1.0, 1, now=0.0) == 0.0 and buckets.take("a", 1.0, 1, now=0.0) > 0
+    assert buckets.take("b", 1.0, 1, now=0.0) == 0.0  # tenants do not share a bucket
+    assert buckets.take("a", 5.0, 5, now=0.0) == 0.0  # a changed limit takes effect at once
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def test_metrics_merge_and_render():
+    a, b, total = Metrics(), Metrics(), Metrics()
+    a.inc("anomalymoe_requests_total", domain="t", tenant="x", code=200)
+    a.observe("anomalymoe_request_duration_seconds", 0.03, domain="t", tenant="x")
+    b.inc("anomalymoe_requests_total", 2, domain="t", tenant="x", code=200)
+    b.observe("anomalymoe_request_duration_seconds", 7.0, domain="t", tenant="x")
+    b.set("anomalymoe_model_info", 1, domain="t", version="3")
+    total.merge(a.drain(), "a")
+    total.merge(b.drain(), "b")
+    assert a.drain()["counters"] == []  # drained counts are not sent twice
+    text = total.render()
+    assert 'anomalymoe_requests_total{code="200",domain="t",tenant="x"} 3' in text
+    assert 'anomalymoe_request_duration_seconds_bucket{domain="t",tenant="x",le="0.05"} 1' in text
+    assert 'anomalymoe_request_duration_seconds_bucket{domain="t",tenant="x",le="+Inf"} 2' in text
+    assert 'anomalymoe_request_duration_seconds_count{domain="t",tenant="x"} 2' in text
+    assert 'anomalymoe_model_info{domain="t",source="b",version="3"} 1' in text
+    assert "# TYPE anomalymoe_request_duration_seconds histogram" in text
+    b.clear_gauge("anomalymoe_model_info", domain="t")
+    b.set("anomalymoe_model_info", 1, domain="t", version="4")
+    total.merge(b.drain(), "b")  # a replica's new gauges replace its old ones
+    assert 'version="3"' not in total.render() and 'version="4"' in total.render()
+
+
+# ------------------------------------------------------------------------------------------------ ingress checks
+def test_check_image_reads_only_the_header():
+    assert check_image(png(40, 30), 10_000, 100) == (40, 30)
+    big = Image.new("1", (10_000, 10_000))
+    buf = io.BytesIO()
+    big.save(buf, format="PNG")
+    with pytest.raises(ApiError) as e:
+        check_image(buf.getvalue(), 40_000_000, 12_000)
+    assert e.value.status == 413 and "10000×10000" in e.value.message
+    for bad, status in [(b"", 400), (b"hello, I am text", 400)]:
+        with pytest.raises(ApiError) as e:
+            check_image(bad, 10_000, 100)
+        assert e.value.status == status
+
+
+# ------------------------------------------------------------------------------------------------ inference
+@pytest.fixture(scope="module")
+def loaded():
+    from anomalymoe.models.anomalymoe import AnomalyMoE
+    from anomalymoe.models.config import presets
+    from anomalymoe.platform.pipeline import Frame
+    from anomalymoe.serve.inference import Loaded
+
+    torch.manual_seed(0)
+    model = AnomalyMoE(presets()["test-tiny"]).eval()
+    size = model.cfg.backbone.img_size
+    imgs = torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(1))
+    model.fit_calibration([(imgs, None, ["textures/brick"] * 4)])
+    return Loaded(model, "anomalymoe-textures", "1", "models:/anomalymoe-textures/1",
+                  Frame.for_backbone(model.cfg.backbone))
+
+
+def test_score_batch_answers_each_item_and_isolates_bad_ones(loaded):
+    from anomalymoe.serve.inference import score_batch
+
+    good = png(64, 64)
+    truncated = good[: len(good) // 2]
+    now = time.time()
+    items = [{"data": good, "category": "brick", "map": True, "enqueued": now},
+             {"data": truncated, "category": None, "map": False, "enqueued": now},
+             {"data": good, "category": "nope", "map": False, "enqueued": now},
+             {"data": png(64, 64, seed=3), "category": None, "map": False, "enqueued": now}]
+    out = score_batch(loaded, items, "textures")
+    assert out[1]["error"]["status"] == 400 and out[1]["error"]["code"] == "bad_image"
+    assert out[2]["error"]["code"] == "unknown_category"
+    ok = out[0]
+    assert ok["model"]["version"] == "1" and ok["category"] == "textures/brick"
+    assert ok["is_anomaly"] == (ok["score"] > ok["threshold"])
+    assert set(ok["levels"]) == {"patch", "global", "component"}
+    assert abs(sum(e["weight"] for e in ok["experts"]) - 1.0) < 1e-4  # the routing behind the score
+    assert ok["timings_ms"]["batch_size"] == 2  # the two good images went through one forward pass
+    overlay = Image.open(io.BytesIO(base64.b64decode(ok["anomaly_map"]["png_base64"])))
+    assert overlay.format == "PNG" and overlay.size == (ok["anomaly_map"]["size"],) * 2
+    # the same image scores the same alone as in a batch
+    alone = score_batch(loaded, [dict(items[0], map=False)], "textures")[0]
+    assert alone["score"] == pytest.approx(ok["score"], rel=1e-4, abs=1e-5)  # float sums differ by batch
+    assert out[3]["category"] is None and out[3]["threshold"] is not None  # the pooled threshold
+
+
+# ------------------------------------------------------------------------------------------------ OpenAPI
+def test_openapi_document_in_repo_is_current():
+    from anomalymoe.serve.openapi import DOCUMENT, dumps, openapi_document
+
+    doc = openapi_document()
+    assert DOCUMENT.read_text() == dumps(doc), \
+        "docs/openapi.json is stale: python jobs/serve.py openapi --out docs/openapi.json"
+    score = doc["paths"]["/v1/{domain}/score"]["post"]
+    assert {"200", "400", "401", "403", "413", "415", "429", "503"} <= set(score["responses"])
+    assert "multipart/form-data" in score["requestBody"]["content"] and score["security"] == [{"bearer": []}]
+    assert {"/v1/healthz", "/v1/readyz", "/metrics"} <= set(doc["paths"])
+    assert json.loads(DOCUMENT.read_text())["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
