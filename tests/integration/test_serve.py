@@ -1,0 +1,374 @@
+"""The scoring service over real HTTP on 127.0.0.1: Ray Serve (`serve.run` through anomalymoe.serve.app.deploy) on
+the session's Ray head, models from the session's MLflow server (artifacts in SeaweedFS), tenants in S3.
+
+One textures application with two scorer replicas serves a tiny calibrated model (v1, champion); v2 is promoted
+during a request loop; v3 is tenant beta's own variant. Tests run in file order (the promotion is last)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+DOMAIN = "textures"
+
+
+def _png(seed: int = 0, size: int = 64) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _register(model, df, out: Path, manifest: str = "serve-test") -> str:
+    import mlflow
+
+    from anomalymoe.models.artifact import save_artifact
+    from anomalymoe.platform import registry
+    from anomalymoe.platform.evaluation import evaluate
+
+    report = evaluate(model, df[df["split"] == "test"], progress=False)
+    art = save_artifact(model, out, metrics=report)
+    mlflow.set_tracking_uri(registry.tracking_uri())
+    with mlflow.start_run(experiment_id=registry.experiment_id("serve-test")) as run:
+        mlflow.log_artifacts(str(art), artifact_path=registry.ARTIFACT_PATH)
+    return registry.register(run.info.run_id, DOMAIN, {"manifest_hash": manifest}, alias=None)
+
+
+class Service:
+    def __init__(self, cfg, url, keys, versions, root, df):
+        self.cfg, self.url, self.keys, self.versions, self.root, self.df = cfg, url, keys, versions, root, df
+        self.good = Path(df[df["split"] == "test"]["uri"].iloc[0]).read_bytes()
+
+    def score(self, tenant: str | None = "alpha", data: bytes | None = None, ctype: str = "image/png",
+              params: str = "", headers: dict | None = None, key: str | None = None, **kw) -> requests.Response:
+        h = {"Content-Type": ctype, **(headers or {})}
+        k = key or (self.keys[tenant] if tenant else None)
+        if k:
+            h["Authorization"] = f"Bearer {k}"
+        return requests.post(f"{self.url}/v1/{DOMAIN}/score{params}", data=self.good if data is None else data,
+                             headers=h, timeout=120, **kw)
+
+
+def scorer_pids() -> list[int]:
+    import ray
+    from ray.util.state import list_actors
+
+    return sorted(a.pid for a in list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", f"ServeReplica:{DOMAIN}:Scorer"),
+                                                      ("state", "=", "ALIVE")]))
+
+
+@pytest.fixture(scope="module")
+def service(ray_head, mlflow_server, s3, tmp_path_factory):
+    import ray
+    import torch
+    from ray import serve
+
+    from anomalymoe.models.anomalymoe import AnomalyMoE
+    from anomalymoe.models.config import presets
+    from anomalymoe.platform import registry
+    from anomalymoe.platform.data import resolve_data
+    from anomalymoe.platform.demo_data import generate_textures
+    from anomalymoe.platform.local_proc import free_port
+    from anomalymoe.platform.pipeline import load_rows
+    from anomalymoe.serve import app
+    from anomalymoe.serve.config import Autoscaling, DomainConfig, Limits, RateLimit, ServeConfig
+    from anomalymoe.serve.tenants import TenantStore
+
+    tmp = tmp_path_factory.mktemp("serve")
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {**s3.env(), "MLFLOW_TRACKING_URI": mlflow_server.uri, "RAY_AUTH_MODE": "disabled"}.items():
+            mp.setenv(k, v)
+        root = tmp / "textures"
+        generate_textures(root, n_train=4, n_test_good=3, n_test_defect_per_type=1, image_size=64,
+                          categories=("brick",))
+        df, _ = resolve_data([f"textures={root}"])
+        train = df[df["split"] == "train"]
+        versions = {}
+        for name, seed in (("v1", 0), ("v2", 1), ("v3", 2)):
+            torch.manual_seed(seed)
+            model = AnomalyMoE(presets()["test-tiny"]).eval()
+            images, masks = load_rows(train, model.cfg.backbone.img_size)
+            model.fit_calibration([(images, masks, (train["domain"] + "/" + train["category"]).tolist())])
+            versions[name] = _register(model, df, tmp / name)
+        registry.client().set_registered_model_alias(registry.model_name(DOMAIN), registry.CHAMPION, versions["v1"])
+
+        tenants = s3.uri(f"serve-{os.getpid()}", "tenants.json")
+        store = TenantStore(tenants)
+        keys = {
+            "alpha": store.add("alpha", [DOMAIN]),
+            "beta": store.add("beta", [DOMAIN], variants={DOMAIN: f"models:/anomalymoe-{DOMAIN}/{versions['v3']}"}),
+            "gamma": store.add("gamma", ["objects"]),
+            "slow": store.add("slow", [DOMAIN], RateLimit(per_second=0.2, burst=2)),
+        }
+        keys["alpha2"] = store.rotate("alpha")
+        cfg = ServeConfig(
+            port=free_port(), tenants_uri=tenants, tenants_refresh_s=1.0,
+            default_rate=RateLimit(per_second=1000, burst=1000), limits=Limits(max_body_bytes=8 * 1024 * 1024),
+            domains=[DomainConfig(domain=DOMAIN, max_batch_size=4, max_ongoing_requests=8, scorer_cpus=0.5,
+                                  torch_threads=1, batch_wait_timeout_s=0.02,
+                                  autoscaling=Autoscaling(min_replicas=2, max_replicas=2))])
+        ray.init(address=ray_head.address, log_to_driver=False)
+        try:
+            app.deploy(cfg)
+            url = f"http://{cfg.host}:{cfg.port}"
+            t0 = time.monotonic()
+            while requests.get(f"{url}/v1/readyz", timeout=10).status_code != 200:
+                assert time.monotonic() - t0 < 180, "the service did not become ready"
+                time.sleep(1)
+            yield Service(cfg, url, keys, versions, root, df)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+
+
+# ------------------------------------------------------------------------------------------------ 1. auth
+def test_auth_and_tenant_isolation(service):
+    s = service
+    r = s.score(tenant=None)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+    assert s.score(key="amk_deadbeef_not-a-real-key").status_code == 401
+    assert s.score(key="garbage").status_code == 401
+    r = s.score("gamma")
+    assert r.status_code == 403 and "textures" in r.json()["error"]["message"]
+    a = s.score("alpha").json()
+    assert a["model"]["version"] == s.versions["v1"] and a["model"]["variant"] is None
+    b = s.score("beta").json()
+    assert b["model"]["version"] == s.versions["v3"] and b["model"]["variant"].endswith(f"/{s.versions['v3']}")
+    assert b["score"] != a["score"]
+    # a client cannot pick a model variant: Serve's multiplexing header is ignored, the tenant record decides
+    spoof = {"serve_multiplexed_model_id": f"models:/anomalymoe-{DOMAIN}/{s.versions['v3']}"}
+    assert s.score("alpha", headers=spoof).json()["model"]["variant"] is None
+    spoof = {"serve_multiplexed_model_id": f"models:/anomalymoe-{DOMAIN}/{s.versions['v1']}"}
+    assert s.score("beta", headers=spoof).json()["model"]["version"] == s.versions["v3"]
+    # a revoked key is refused within seconds, the tenant's other key keeps working, no restart
+    from anomalymoe.serve.tenants import TenantStore
+
+    assert s.score("alpha2").status_code == 200
+    TenantStore(s.cfg.tenants_uri).revoke(s.keys["alpha2"])
+    t0 = time.monotonic()
+    while (r := s.score("alpha2")).status_code == 200:
+        assert time.monotonic() - t0 < 10, "a revoked key still works after 10 s"
+        time.sleep(0.2)
+    assert r.status_code == 401 and r.json()["error"]["message"] == "revoked API key"
+    print(f"revoked key refused after {time.monotonic() - t0:.1f} s")
+    assert s.score("alpha").status_code == 200
+
+
+def test_request_id_is_echoed(service):
+    r = service.score("alpha", headers={"X-Request-ID": "test-req-42"})
+    assert r.headers["X-Request-ID"] == "test-req-42" and r.json()["request_id"] == "test-req-42"
+    r = service.score(tenant=None, headers={"X-Request-ID": "test-req-43"})
+    assert r.headers["X-Request-ID"] == "test-req-43" and r.json()["error"]["request_id"] == "test-req-43"
+    r = service.score("alpha")
+    assert r.headers["X-Request-ID"] == r.json()["request_id"] and len(r.json()["request_id"]) >= 16
+
+
+# ------------------------------------------------------------------------------------------------ 2. bad input
+def test_bad_input_is_refused_and_service_keeps_serving(service):
+    s = service
+    good = s.good
+    big = io.BytesIO()
+    Image.new("1", (10_000, 10_000)).save(big, format="PNG")
+    cases = [
+        ("empty body", b"", "image/png", 400, "empty_body"),
+        ("truncated PNG", good[: len(good) // 2], "image/png", 400, "bad_image"),
+        ("a text file", b"name,score\nfoo,1\n" * 20, "image/png", 400, "bad_image"),
+        ("10000x10000 image", big.getvalue(), "image/png", 413, "image_too_large"),
+        ("200 MB body", b"\0" * (200 * 1024 * 1024), "image/png", 413, "payload_too_large"),
+        ("wrong content type", good, "text/plain", 415, "unsupported_media_type"),
+    ]
+    for name, body, ctype, status, code in cases:
+        r = s.score("alpha", data=body, ctype=ctype)
+        assert r.status_code == status, (name, r.status_code, r.text[:300])
+        err = r.json()["error"]
+        assert err["code"] == code and err["message"] and err["request_id"], name
+        ok = s.score("alpha")
+        assert ok.status_code == 200 and ok.json()["score"] == pytest.approx(s.score("alpha").json()["score"]), name
+    # multipart upload with the category in the form
+    r = requests.post(f"{s.url}/v1/{DOMAIN}/score?map=true", files={"image": ("x.png", good, "image/png")},
+                      data={"category": "brick"}, headers={"Authorization": f"Bearer {s.keys['alpha']}"}, timeout=60)
+    body = r.json()
+    assert r.status_code == 200 and body["category"] == "textures/brick"
+    overlay = Image.open(io.BytesIO(__import__("base64").b64decode(body["anomaly_map"]["png_base64"])))
+    assert overlay.format == "PNG" and overlay.size[0] == body["anomaly_map"]["size"]
+    r = s.score("alpha", params="?category=nope")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_category"
+
+
+# ------------------------------------------------------------------------------------------------ 3. rate limit
+def test_rate_limit(service):
+    codes = [service.score("slow") for _ in range(4)]
+    limited = [r for r in codes if r.status_code == 429]
+    assert [r.status_code for r in codes[:2]] == [200, 200] and limited, [r.status_code for r in codes]
+    r = limited[0]
+    assert int(r.headers["Retry-After"]) >= 1 and r.json()["error"]["code"] == "rate_limited"
+    assert r.headers["X-RateLimit-Scope"] == "service"  # one bucket for every ingress replica
+
+
+# ------------------------------------------------------------------------------------------------ 4. load + kill
+def _load(service, clients: int, per_client: int, tenant_of=lambda i: "alpha", on_progress=None):
+    results: list[tuple[int, dict | str]] = []
+    lock = threading.Lock()
+
+    def client(i: int):
+        sess = requests.Session()
+        tenant = tenant_of(i)
+        for j in range(per_client):
+            try:
+                r = sess.post(f"{service.url}/v1/{DOMAIN}/score", data=_png(1000 * i + j),
+                              headers={"Authorization": f"Bearer {service.keys[tenant]}",
+                                       "Content-Type": "image/png"}, timeout=120)
+                out = (r.status_code, r.json() if r.status_code == 200 else r.text[:300])
+            except requests.RequestException as e:
+                out = (-1, repr(e))
+            with lock:
+                results.append((i, tenant, *out))
+                if on_progress:
+                    on_progress(len(results))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    return results
+
+
+def test_load_with_a_replica_killed(service):
+    before = scorer_pids()
+    assert len(before) == 2
+    killed = {}
+
+    def kill_once(done: int):
+        if done == 120 and not killed:
+            killed["pid"] = before[0]
+            os.kill(before[0], signal.SIGKILL)
+
+    t0 = time.monotonic()
+    results = _load(service, clients=16, per_client=25, on_progress=kill_once)
+    elapsed = time.monotonic() - t0
+    failed = [r for r in results if r[2] != 200]
+    assert killed and len(results) == 400
+    assert not failed, f"{len(failed)} of 400 failed: {failed[:3]}"
+    sizes = Counter(r[3]["timings_ms"]["batch_size"] for r in results)
+    print(f"400 requests from 16 clients in {elapsed:.1f} s, replica {killed['pid']} killed; batch sizes {sizes}")
+    assert max(sizes) > 1  # concurrent requests were batched
+    t0 = time.monotonic()
+    while len(scorer_pids()) < 2:  # Serve replaces the killed replica
+        assert time.monotonic() - t0 < 120, "the killed replica was not replaced"
+        time.sleep(1)
+    assert killed["pid"] not in scorer_pids()
+
+
+def test_a_batch_never_mixes_models(service):
+    from ray import serve
+
+    results = _load(service, clients=8, per_client=6, tenant_of=lambda i: "beta" if i % 2 else "alpha")
+    assert all(r[2] == 200 for r in results), [r for r in results if r[2] != 200][:3]
+    for _, tenant, _, body in results:  # every answer came from the tenant's own model
+        want = service.versions["v3"] if tenant == "beta" else service.versions["v1"]
+        assert body["model"]["version"] == want
+    batches = []
+    for _ in range(6):  # each call reaches one of the replicas
+        batches += serve.get_deployment_handle("Scorer", app_name=DOMAIN).recent_batches.remote().result()
+    ids = {m for m, _ in batches}
+    assert "" in ids and any(m.endswith(f"/{service.versions['v3']}") for m in ids)
+    assert any(n > 1 for _, n in batches)  # batching happened; Scorer._batch refuses a batch of mixed ids
+
+
+# ------------------------------------------------------------------------------------------------ health, metrics
+def test_health_ready_metrics(service):
+    s = service
+    assert requests.get(f"{s.url}/v1/healthz", timeout=10).json() == {"status": "ok"}
+    ready = requests.get(f"{s.url}/v1/readyz", timeout=10)
+    assert ready.status_code == 200 and ready.json()["domains"][DOMAIN]["model"]["version"] == s.versions["v1"]
+    assert requests.get(f"{s.url}/v1/{DOMAIN}/readyz", timeout=10).status_code == 200
+    time.sleep(2.5)  # replicas push their counts every second
+    text = requests.get(f"{s.url}/metrics", timeout=10).text
+    assert f'anomalymoe_requests_total{{code="200",domain="{DOMAIN}",tenant="alpha"}}' in text
+    assert f'anomalymoe_requests_total{{code="429",domain="{DOMAIN}",tenant="slow"}}' in text
+    assert f'anomalymoe_errors_total{{code="unauthorized",domain="{DOMAIN}",tenant="-"}}' in text
+    assert "anomalymoe_request_duration_seconds_bucket" in text and "anomalymoe_batch_size_count" in text
+    assert f'version="{s.versions["v1"]}"' in text
+    count = sum(float(line.split()[-1]) for line in text.splitlines()
+                if line.startswith(f'anomalymoe_requests_total{{code="200",domain="{DOMAIN}",tenant="alpha"}}'))
+    assert count >= 400
+
+
+# ------------------------------------------------------------------------------------------------ 6. == evaluate.py
+def test_http_score_equals_evaluate_job(service, tmp_path):
+    s = service
+    out = tmp_path / "eval"
+    env = dict(os.environ)  # MLFLOW_TRACKING_URI of the session's server (set for this module)
+    subprocess.run([sys.executable, str(REPO / "jobs" / "evaluate.py"), "--model",
+                    f"models:/anomalymoe-{DOMAIN}/{s.versions['v1']}", "--data", f"textures={s.root}",
+                    "--out", str(out), "--panels", "0"], check=True, env=env, cwd=REPO, capture_output=True)
+    import pandas as pd
+
+    rows = pd.read_csv(out / "scores.csv")
+    assert len(rows) >= 4
+    for row in rows.itertuples():
+        r = s.score("alpha", data=Path(row.uri).read_bytes(), params=f"?category={row.category}")
+        body = r.json()
+        assert body["score"] == pytest.approx(row.score, rel=1e-4, abs=1e-5), row.uri
+        assert body["is_anomaly"] == bool(row.is_anomaly)
+        assert body["threshold"] == pytest.approx(row.threshold)
+
+
+# ------------------------------------------------------------------------------------------------ 5. promotion
+def test_promotion_during_requests_switches_version_without_failures(service):
+    from anomalymoe.platform import promotion
+    from anomalymoe.serve import app
+
+    s = service
+    pids = scorer_pids()
+    seen: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def loop():
+        sess = requests.Session()
+        while not stop.is_set():
+            r = sess.post(f"{s.url}/v1/{DOMAIN}/score", data=s.good, timeout=120,
+                          headers={"Authorization": f"Bearer {s.keys['alpha']}", "Content-Type": "image/png"})
+            seen.append((r.status_code, r.json()["model"]["version"] if r.status_code == 200 else r.text[:200]))
+
+    threads = [threading.Thread(target=loop) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2)
+        rep = promotion.promote(DOMAIN, s.versions["v2"], tol=1.0)  # the gates, then the alias moves
+        assert rep.passed, rep.text()
+        pinned = app.push(s.cfg)  # resolved once here, pushed to the running replicas by reconfigure
+        assert pinned[DOMAIN]["version"] == s.versions["v2"]
+        t0 = time.monotonic()
+        while not (len(seen) > 20 and all(v == s.versions["v2"] for _, v in seen[-12:])):
+            assert time.monotonic() - t0 < 60, f"still not switched: {seen[-12:]}"
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+    codes = Counter(c for c, _ in seen)
+    versions = Counter(v for c, v in seen if c == 200)
+    print(f"during the promotion: {dict(codes)}, versions {dict(versions)}")
+    assert codes == Counter({200: len(seen)}), codes
+    assert versions[s.versions["v1"]] > 0 and versions[s.versions["v2"]] > 0
+    assert scorer_pids() == pids  # reconfigured in place: the same replica processes
+    assert json.loads(requests.get(f"{s.url}/v1/readyz", timeout=10).text)["domains"][DOMAIN]["model"]["version"] \
+        == s.versions["v2"]
