@@ -39,7 +39,7 @@ from anomalymoe.serve.tenants import TenantError, TenantStore  # noqa: E402
 def _config(args) -> ServeConfig:
     cfg = load_config(args.config)
     changes = {}
-    if getattr(args, "domain", None):
+    if getattr(args, "domain", None) and args.command != "tenants":  # tenants' --domain is the tenant's
         changes["domains"] = [cfg.domain(d) for d in args.domain]
     if getattr(args, "port", None):
         changes["port"] = args.port

@@ -25,7 +25,7 @@ from PIL import Image
 from ..models.anomalymoe import AnomalyMoE
 from ..models.artifact import load_artifact
 from ..models.config import LEVELS
-from ..models.scoring import DEFAULT_KEY
+from ..models.scoring import DEFAULT_KEY, ScoreNorm
 from ..platform import registry
 from ..platform.pipeline import Frame, decode_rgb
 
@@ -102,16 +102,22 @@ def category_key(loaded: Loaded, domain: str, category: str | None) -> str | Non
     return key
 
 
-def overlay_png(image: torch.Tensor, amap: torch.Tensor, alpha: float = 0.5) -> str:
-    """The anomaly map (calibrated units, colour scale 0..max(1, peak) as in the evaluation panels) over the
-    image, as a base64 PNG."""
+def overlay_png(image: torch.Tensor, amap: torch.Tensor, norm: ScoreNorm | None, alpha: float = 0.5) -> str:
+    """The anomaly map over the image as a base64 PNG. Colours are in the units of `normalized_score`: dark blue
+    at or below the median normal image's score, the middle of the scale (green) at the category's threshold,
+    red at twice as far. So a normal image stays blue and only what scores like an anomaly lights up. Without a
+    calibration the scale runs from 0 to max(1, peak), as in the evaluation panels."""
     from matplotlib import colormaps
 
     m = amap.float().numpy()
+    if norm is not None:
+        level = np.clip((m - norm.median) / max(norm.threshold - norm.median, 1e-12) / 2.0, 0, 1)
+    else:
+        level = np.clip(m / max(1.0, float(m.max())), 0, 1)
     if image.shape[-1] != m.shape[-1]:
         image = torch.nn.functional.interpolate(image[None], size=m.shape, mode="bilinear", align_corners=False)[0]
     rgb = image.permute(1, 2, 0).clamp(0, 1).numpy()
-    heat = colormaps["jet"](np.clip(m / max(1.0, float(m.max())), 0, 1))[..., :3]
+    heat = colormaps["jet"](level)[..., :3]
     out = ((1 - alpha) * rgb + alpha * heat) * 255
     buf = io.BytesIO()
     Image.fromarray(out.round().astype(np.uint8)).save(buf, format="PNG")
@@ -163,7 +169,8 @@ def score_batch(loaded: Loaded, items: list[dict[str, Any]], domain: str, varian
                                "model": round(1000 * (t2 - t1), 2), "batch_size": len(keep)},
             }
             if items[i].get("map"):
-                body["anomaly_map"] = {"png_base64": overlay_png(images[b], p.anomaly_map[b]),
+                norm = loaded.model.calibration.for_category(cats[b])
+                body["anomaly_map"] = {"png_base64": overlay_png(images[b], p.anomaly_map[b], norm),
                                        "size": int(p.anomaly_map.shape[-1]), "peak": float(p.anomaly_map[b].max())}
             out[i] = body
     return out  # type: ignore[return-value]
