@@ -68,8 +68,9 @@ def scorer_pids() -> list[int]:
     import ray
     from ray.util.state import list_actors
 
-    return sorted(a.pid for a in list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", f"ServeReplica:{DOMAIN}:Scorer"),
-                                                      ("state", "=", "ALIVE")]))
+    alive = list_actors(address=ray.get_runtime_context().gcs_address,
+                        filters=[("class_name", "=", f"ServeReplica:{DOMAIN}:Scorer"), ("state", "=", "ALIVE")])
+    return sorted(a.pid for a in alive)
 
 
 @pytest.fixture(scope="module")
