@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -101,8 +102,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_deploy(args) -> int:
+    """deploy/push go to a running cluster (RAY_ADDRESS, else the local one): never start a throwaway Ray."""
     cfg = _config(args)
-    pinned = _deploy(cfg, args.address)
+    pinned = _deploy(cfg, args.address or os.environ.get("RAY_ADDRESS") or "auto")
     print("SUMMARY " + json.dumps({"url": f"http://{cfg.host}:{cfg.port}", "pins": pinned}))
     return 0
 
@@ -180,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     run = common(sub.add_parser("run", help="deploy and keep serving until Ctrl-C"))
     run.add_argument("--detach", action="store_true", help="return once ready (the apps live as long as the cluster)")
     common(sub.add_parser("deploy", help="deploy onto a running cluster and exit"))
-    common(sub.add_parser("push", help="resolve the aliases again and reconfigure running apps (after a promotion)"))
+    common(sub.add_parser("push", help="resolve the aliases again and reconfigure running apps (after a promotion); "
+                                       "give the same --config as the running service"))
     st = sub.add_parser("status", help="applications and replicas")
     st.add_argument("--address")
     rd = common(sub.add_parser("render", help="write the Ray Serve config YAML (serve deploy / RayService)"))

@@ -232,3 +232,33 @@ def test_openapi_document_in_repo_is_current():
     assert "multipart/form-data" in score["requestBody"]["content"] and score["security"] == [{"bearer": []}]
     assert {"/v1/healthz", "/v1/readyz", "/metrics"} <= set(doc["paths"])
     assert json.loads(DOCUMENT.read_text())["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+
+
+# ------------------------------------------------------------------------------------------------ jobs/serve.py
+def test_serve_cli_tenants_render_and_errors(tmp_path, capsys):
+    import importlib.util
+
+    from anomalymoe.serve.config import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("serve_job", REPO_ROOT / "jobs" / "serve.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    store = str(tmp_path / "t.json")
+    assert job.main(["tenants", "--tenants", store, "add", "acme", "--domain", "*", "--rate", "3"]) == 0
+    key = capsys.readouterr().out.strip().splitlines()[-1]
+    assert KeyIndex(TenantStore(store).load()).authenticate(key)[0].rate.burst == 6
+    job.main(["tenants", "--tenants", store, "list"])
+    listed = json.loads(capsys.readouterr().out)
+    assert listed[0]["tenant"] == "acme" and listed[0]["domains"] == ["*"]
+    job.main(["tenants", "--tenants", store, "revoke", "acme"])
+    assert KeyIndex(TenantStore(store).load()).authenticate(key)[1] == "revoked API key"
+    with pytest.raises(SystemExit, match="no active key or tenant"):
+        job.main(["tenants", "--tenants", store, "revoke", "nobody"])
+    out = tmp_path / "serve.yaml"
+    job.main(["render", "--domain", "textures", "--out", str(out)])
+    import yaml
+
+    apps = [a["name"] for a in yaml.safe_load(out.read_text())["applications"]]
+    assert apps == ["ops", "textures"]
+    with pytest.raises(SystemExit, match="no domain 'video'"):
+        job.main(["render", "--domain", "video"])
