@@ -68,8 +68,11 @@ def load(uri: str, threads: int | None = None) -> Loaded:
     if threads:
         torch.set_num_threads(threads)
     name, version, concrete = resolve(uri)
-    path = registry.download(concrete, Path(tempfile.mkdtemp(prefix="anomalymoe-serve-")))
-    model = load_artifact(path)
+    if concrete.startswith("models:/") or concrete.startswith("s3://"):
+        with tempfile.TemporaryDirectory(prefix="anomalymoe-serve-") as tmp:  # weights end up in memory
+            model = load_artifact(registry.download(concrete, Path(tmp)))
+    else:
+        model = load_artifact(concrete)
     if version == "local":
         version = model.cfg.config_hash()[:12]
     return Loaded(model, name, version, uri, Frame.for_backbone(model.cfg.backbone))
