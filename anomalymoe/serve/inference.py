@@ -29,8 +29,6 @@ from ..models.scoring import DEFAULT_KEY, ScoreNorm
 from ..platform import registry
 from ..platform.pipeline import Frame, decode_rgb
 
-Image.MAX_IMAGE_PIXELS = None  # the ingress checks sizes against the configured limit before anything decodes
-
 
 @dataclass
 class Loaded:
@@ -89,7 +87,9 @@ class InputError(ValueError):
 def decode(data: bytes, frame: Frame) -> torch.Tensor:
     try:
         rgb = decode_rgb(data, frame)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's truncated/corrupt
+    except Image.DecompressionBombError as e:  # PIL's process-wide limit (the ingress checks the service's first)
+        raise InputError(str(e), 413, "image_too_large") from None
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's truncated/corrupt
         raise InputError(f"the image cannot be decoded: {e}") from None
     return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 

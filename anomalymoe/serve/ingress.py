@@ -19,6 +19,7 @@ import logging
 import re
 import time
 import uuid
+import warnings
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Query, Request
@@ -31,12 +32,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import ServeConfig
 from .metrics import Metrics
-from .ops import push_metrics, readiness, state_handle
+from .ops import readiness, start_flusher, state_handle
 from .ratelimit import Buckets, retry_after
 from .tenants import Tenant, TenantCache
 
 log = logging.getLogger("ray.serve")
-Image.MAX_IMAGE_PIXELS = None  # sizes are checked against the configured limits below, before decoding
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -144,8 +144,12 @@ def check_image(data: bytes, max_pixels: int, max_side: int) -> tuple[int, int]:
     if not data:
         raise ApiError(400, "empty_body", "the request has no image")
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
+        with warnings.catch_warnings():  # PIL's own bomb warning; the limits below are the service's
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+    except Image.DecompressionBombError as e:  # over twice PIL's process-wide limit: far over ours too
+        raise ApiError(413, "image_too_large", str(e)) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ApiError(400, "bad_image", f"the body is not a readable image: {e}") from None
     if w * h > max_pixels or max(w, h) > max_side:
@@ -355,10 +359,4 @@ class Ingress:
 
     def _start_flusher(self) -> None:
         if self._flusher is None:
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
-
-    async def _flush_loop(self) -> None:
-        source = f"ingress-{self.domain}-{serve.get_replica_context().replica_id.unique_id}"
-        while True:
-            await asyncio.sleep(1.0)
-            await push_metrics(self.metrics, source)
+            self._flusher = start_flusher(self.metrics, f"ingress-{self.domain}")

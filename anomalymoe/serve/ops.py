@@ -65,6 +65,17 @@ async def push_metrics(metrics: Metrics, source: str) -> None:
         log.warning("could not push metrics to ServeState: %s", e)
 
 
+def start_flusher(metrics: Metrics, role: str) -> asyncio.Task:
+    """Send this replica's metric deltas to ServeState every second (call from inside a replica's event loop)."""
+    async def loop() -> None:
+        source = f"{role}-{serve.get_replica_context().replica_id.unique_id}"
+        while True:
+            await asyncio.sleep(1.0)
+            await push_metrics(metrics, source)
+
+    return asyncio.get_running_loop().create_task(loop())
+
+
 async def readiness(domains: list[str], timeout: float = READY_TIMEOUT_S) -> tuple[bool, dict[str, Any]]:
     """Ask one scorer replica of each domain what it serves; a replica still loading does not answer in time."""
     async def one(d: str) -> dict[str, Any]:

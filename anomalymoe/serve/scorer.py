@@ -98,12 +98,6 @@ class Scorer:
 
     def _start_flusher(self) -> None:
         if self._flusher is None:
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+            from .ops import start_flusher
 
-    async def _flush_loop(self) -> None:
-        from .ops import push_metrics
-
-        source = f"scorer-{self.domain}-{serve.get_replica_context().replica_id.unique_id}"
-        while True:
-            await asyncio.sleep(1.0)
-            await push_metrics(self.metrics, source)
+            self._flusher = start_flusher(self.metrics, f"scorer-{self.domain}")

@@ -1,8 +1,10 @@
 """The scoring service over real HTTP on 127.0.0.1: Ray Serve (`serve.run` through anomalymoe.serve.app.deploy) on
 the session's Ray head, models from the session's MLflow server (artifacts in SeaweedFS), tenants in S3.
 
-One textures application with two scorer replicas serves a tiny calibrated model (v1, champion); v2 is promoted
-during a request loop; v3 is tenant beta's own variant. Tests run in file order (the promotion is last)."""
+One application with two scorer replicas serves a tiny calibrated model (v1, champion) trained on demo textures;
+v2 is promoted during a request loop; v3 is tenant beta's own variant. Tests run in file order (the promotion is
+last). The domain is called `servetest`: the registry is the session's, and anomalymoe-textures belongs to the
+training job tests (which expect no champion before theirs)."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from PIL import Image
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
-DOMAIN = "textures"
+DOMAIN = "servetest"
 
 
 def _png(seed: int = 0, size: int = 64) -> bytes:
@@ -94,10 +96,10 @@ def service(ray_head, mlflow_server, s3, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         for k, v in {**s3.env(), "MLFLOW_TRACKING_URI": mlflow_server.uri, "RAY_AUTH_MODE": "disabled"}.items():
             mp.setenv(k, v)
-        root = tmp / "textures"
+        root = tmp / DOMAIN
         generate_textures(root, n_train=4, n_test_good=3, n_test_defect_per_type=1, image_size=64,
                           categories=("brick",))
-        df, _ = resolve_data([f"textures={root}"])
+        df, _ = resolve_data([f"{DOMAIN}={root}"])
         train = df[df["split"] == "train"]
         versions = {}
         for name, seed in (("v1", 0), ("v2", 1), ("v3", 2)):
@@ -145,7 +147,7 @@ def test_auth_and_tenant_isolation(service):
     assert s.score(key="amk_deadbeef_not-a-real-key").status_code == 401
     assert s.score(key="garbage").status_code == 401
     r = s.score("gamma")
-    assert r.status_code == 403 and "textures" in r.json()["error"]["message"]
+    assert r.status_code == 403 and DOMAIN in r.json()["error"]["message"]
     a = s.score("alpha").json()
     assert a["model"]["version"] == s.versions["v1"] and a["model"]["variant"] is None
     b = s.score("beta").json()
@@ -204,7 +206,7 @@ def test_bad_input_is_refused_and_service_keeps_serving(service):
     r = requests.post(f"{s.url}/v1/{DOMAIN}/score?map=true", files={"image": ("x.png", good, "image/png")},
                       data={"category": "brick"}, headers={"Authorization": f"Bearer {s.keys['alpha']}"}, timeout=60)
     body = r.json()
-    assert r.status_code == 200 and body["category"] == "textures/brick"
+    assert r.status_code == 200 and body["category"] == f"{DOMAIN}/brick"
     overlay = Image.open(io.BytesIO(__import__("base64").b64decode(body["anomaly_map"]["png_base64"])))
     assert overlay.format == "PNG" and overlay.size[0] == body["anomaly_map"]["size"]
     r = s.score("alpha", params="?category=nope")
@@ -299,16 +301,22 @@ def test_health_ready_metrics(service):
     ready = requests.get(f"{s.url}/v1/readyz", timeout=10)
     assert ready.status_code == 200 and ready.json()["domains"][DOMAIN]["model"]["version"] == s.versions["v1"]
     assert requests.get(f"{s.url}/v1/{DOMAIN}/readyz", timeout=10).status_code == 200
-    time.sleep(2.5)  # replicas push their counts every second
-    text = requests.get(f"{s.url}/metrics", timeout=10).text
-    assert f'anomalymoe_requests_total{{code="200",domain="{DOMAIN}",tenant="alpha"}}' in text
-    assert f'anomalymoe_requests_total{{code="429",domain="{DOMAIN}",tenant="slow"}}' in text
-    assert f'anomalymoe_errors_total{{code="unauthorized",domain="{DOMAIN}",tenant="-"}}' in text
+    expected = [f'anomalymoe_requests_total{{code="200",domain="{DOMAIN}",tenant="alpha"}}',
+                f'anomalymoe_requests_total{{code="429",domain="{DOMAIN}",tenant="slow"}}',
+                f'anomalymoe_errors_total{{code="unauthorized",domain="{DOMAIN}",tenant="-"}}']
+    t0 = time.monotonic()
+    while True:  # replicas push their counts every second
+        text = requests.get(f"{s.url}/metrics", timeout=10).text
+        missing = [e for e in expected if e not in text]
+        if not missing:
+            break
+        assert time.monotonic() - t0 < 15, f"missing {missing} in /metrics:\n{text}"
+        time.sleep(1)
     assert "anomalymoe_request_duration_seconds_bucket" in text and "anomalymoe_batch_size_count" in text
     assert f'version="{s.versions["v1"]}"' in text
     count = sum(float(line.split()[-1]) for line in text.splitlines()
                 if line.startswith(f'anomalymoe_requests_total{{code="200",domain="{DOMAIN}",tenant="alpha"}}'))
-    assert count >= 400
+    assert count >= 400, text
 
 
 # ------------------------------------------------------------------------------------------------ 6. == evaluate.py
@@ -317,7 +325,7 @@ def test_http_score_equals_evaluate_job(service, tmp_path):
     out = tmp_path / "eval"
     env = dict(os.environ)  # MLFLOW_TRACKING_URI of the session's server (set for this module)
     subprocess.run([sys.executable, str(REPO / "jobs" / "evaluate.py"), "--model",
-                    f"models:/anomalymoe-{DOMAIN}/{s.versions['v1']}", "--data", f"textures={s.root}",
+                    f"models:/anomalymoe-{DOMAIN}/{s.versions['v1']}", "--data", f"{DOMAIN}={s.root}",
                     "--out", str(out), "--panels", "0"], check=True, env=env, cwd=REPO, capture_output=True)
     import pandas as pd
 

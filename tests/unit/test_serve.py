@@ -163,6 +163,8 @@ def test_metrics_merge_and_render():
 
 # ------------------------------------------------------------------------------------------------ ingress checks
 def test_check_image_reads_only_the_header():
+    # importing the service must not lift PIL's process-wide bomb guard (manifest validation relies on it)
+    assert Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS > 1e7
     assert check_image(png(40, 30), 10_000, 100) == (40, 30)
     big = Image.new("1", (10_000, 10_000))
     buf = io.BytesIO()
