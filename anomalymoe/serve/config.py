@@ -183,10 +183,10 @@ def render(cfg: ServeConfig, pins: dict[str, dict[str, str]] | None = None) -> d
 def render_yaml(cfg: ServeConfig, pins: dict[str, dict[str, str]] | None = None) -> str:
     head = (f"# Ray Serve config rendered from anomalymoe.serve.config.ServeConfig (hash {cfg.config_hash()}).\n"
             "# Do not edit: change the typed config and run `python jobs/serve.py render`.\n")
-    return head + yaml.dump(render(cfg, pins), Dumper=_NoAliases, sort_keys=False)
+    return head + yaml.dump(render(cfg, pins), Dumper=NoAliasDumper, sort_keys=False)
 
 
-class _NoAliases(yaml.SafeDumper):
+class NoAliasDumper(yaml.SafeDumper):
     """Repeated sub-documents written out in full (no &id001 anchors): readable, and what KubeRay users expect."""
 
     def ignore_aliases(self, data):
