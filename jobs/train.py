@@ -27,12 +27,12 @@ import yaml  # noqa: E402
 from anomalymoe.models.config import ModelConfig, presets  # noqa: E402
 from anomalymoe.platform.checkpoint import CheckpointError  # noqa: E402
 from anomalymoe.platform.manifest import ManifestError  # noqa: E402
-from anomalymoe.platform.ray_training import JobSpec, run_job  # noqa: E402
+from anomalymoe.platform.ray_training import JobSpec, MLflowUnavailable, run_job  # noqa: E402
 from anomalymoe.platform.registry import RegistryError  # noqa: E402
 from anomalymoe.platform.storage import StorageError  # noqa: E402
 from anomalymoe.platform.trainer import TrainConfig  # noqa: E402
 
-USER_ERRORS = (FileNotFoundError, ManifestError, StorageError, CheckpointError, RegistryError)
+USER_ERRORS = (FileNotFoundError, ManifestError, StorageError, CheckpointError, RegistryError, MLflowUnavailable)
 
 # the embedded default: the demo's CPU-sized settings
 DEFAULTS = {"preset": "cpu-small", "train": {"steps": 60, "batch_size": 8, "lr": 2e-3, "warmup_steps": 6}}

@@ -95,16 +95,33 @@ def _mean_over_ranks(rec: dict[str, float], keys: tuple[str, ...], world: int) -
     return {k: float(v) / world for k, v in zip(present, t.tolist(), strict=True)}
 
 
+def _fail_fast_mlflow_http() -> None:
+    """MLflow's HTTP client retries a refused connection for minutes by default (7 tries, exponential backoff),
+    blocking the caller; our callers retry themselves, on their own schedule. A user's own setting wins."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+
+
 class _MLflowLogger:
-    """Rank 0's metric logging. A failed call is logged and retried with the next batch of metrics, never fatal:
-    losing a metric point must not lose the training run."""
+    """Rank 0's metric logging, off the training loop: `log` only queues; a background thread sends the queue every
+    few seconds and keeps it while MLflow is unreachable (one warning per outage), so a dead or slow MLflow server
+    never stalls training. `close` makes a bounded last attempt; the driver backfills whatever is still missing
+    from the history every checkpoint carries (finish)."""
 
-    def __init__(self, spec: dict):
+    def __init__(self, spec: dict, interval: float = 2.0):
+        import threading
+
         self.client, self.run_id, self.pending = None, spec.get("run_id"), []
-        if self.run_id:
-            from mlflow import MlflowClient
+        self.interval, self.down_since = interval, None
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        if not self.run_id:
+            return
+        _fail_fast_mlflow_http()
+        from mlflow import MlflowClient
 
-            self.client = MlflowClient(spec["tracking_uri"])
+        self.client = MlflowClient(spec["tracking_uri"])
+        self._thread = threading.Thread(target=self._loop, name="mlflow-logger", daemon=True)
+        self._thread.start()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.client is None:
@@ -112,13 +129,45 @@ class _MLflowLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items() if np.isfinite(v)]
+        with self._lock:
+            self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items() if np.isfinite(v)]
+
+    def flush(self) -> bool:
+        with self._lock:
+            batch = list(self.pending)
         try:
-            for i in range(0, len(self.pending), 500):
-                self.client.log_batch(self.run_id, metrics=self.pending[i : i + 500])
-            self.pending = []
-        except Exception as e:  # noqa: BLE001 - MLflow/HTTP errors vary; keep training, retry later
-            log.warning("MLflow logging failed (%s); %d metric points kept for the next try", e, len(self.pending))
+            for i in range(0, len(batch), 500):
+                self.client.log_batch(self.run_id, metrics=batch[i : i + 500])
+        except Exception as e:  # noqa: BLE001 - MLflow/HTTP errors vary; keep the points, retry later
+            if self.down_since is None:
+                self.down_since = time.monotonic()
+                log.warning("MLflow unreachable (%s): training goes on, %d metric points kept and retried",
+                            str(e)[:200], len(batch))
+            return False
+        with self._lock:
+            self.pending = self.pending[len(batch):]
+        if self.down_since is not None:
+            log.warning("MLflow reachable again after %.0f s: %d queued metric points sent",
+                        time.monotonic() - self.down_since, len(batch))
+            self.down_since = None
+        return True
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            if self.pending:
+                self.flush()
+
+    def close(self, timeout: float = 30.0) -> None:
+        if self.client is None:
+            return
+        self._stop.set()
+        self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        while self.pending and not self.flush() and time.monotonic() < deadline:
+            time.sleep(2.0)
+        if self.pending:
+            log.warning("%d metric points not sent to MLflow; the driver logs them from the run's history",
+                        len(self.pending))
 
 
 def _reseed(trainer: Trainer, seed: int, rank: int, step: int) -> None:
@@ -208,6 +257,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
         t_data = time.perf_counter()
+    if mlf is not None:
+        mlf.close()
 
 
 # ------------------------------------------------------------------------------------------ driver side
@@ -460,24 +511,86 @@ def finish(prep: Prepared, model: AnomalyMoE, history: list[dict], run_id: str, 
             final.update({f"test_{d}_{k}": float(v) for k, v in r.items() if isinstance(v, float) and v == v})
     if t0 is not None:
         final["run_seconds"] = time.perf_counter() - t0  # start to evaluated model
+    # everything is on disk now (nothing is lost if MLflow is away); MLflow calls wait for the server to come back
+    call = _MLflowRetry(out, run_name)
+    call(lambda: _backfill_history(c, run_id, history), "metric history")
     now = int(time.time() * 1000)
-    c.log_batch(run_id, metrics=[Metric(k, v, now, steps) for k, v in final.items() if np.isfinite(v)])
-    c.log_artifacts(run_id, str(out / "model"), registry.ARTIFACT_PATH)
+    call(lambda: c.log_batch(run_id, metrics=[Metric(k, v, now, steps) for k, v in final.items() if np.isfinite(v)]),
+         "final metrics")
+    call(lambda: c.log_artifacts(run_id, str(out / "model"), registry.ARTIFACT_PATH), "model artifact")
     if (out / "eval").is_dir():
-        c.log_artifacts(run_id, str(out / "eval"), "eval")
-    c.log_artifact(run_id, str(out / HISTORY))
+        call(lambda: c.log_artifacts(run_id, str(out / "eval"), "eval"), "evaluation report")
+    call(lambda: c.log_artifact(run_id, str(out / HISTORY)), "history")
     versions = {}
     if register:
         vtags = {**prep.tags, **(extra_tags or {}), "run_name": run_name, "steps": str(steps),
                  **{k: f"{v:.6f}" for k, v in final.items() if k.startswith(("test_", "val_"))}}
         for d in prep.domains:
-            versions[d] = registry.register(run_id, d, vtags)
+            versions[d] = call(lambda d=d: registry.register(run_id, d, vtags), f"registration of {d}")
             print(f"[registry] {registry.model_name(d)} version {versions[d]} -> alias {registry.CHALLENGER}",
                   flush=True)
     summary = {"run_name": run_name, "run_id": run_id, "versions": versions, "output": str(out),
                "steps": int(final.get("step", steps)), "metrics": final}
     write_json(out / "summary.json", summary)
     return summary
+
+
+class MLflowUnavailable(RuntimeError):
+    """MLflow stayed unreachable past the wait; the message says where the results are and how to finish."""
+
+
+class _MLflowRetry:
+    """Runs an MLflow call, retrying with backoff while the server is unreachable or failing (5xx), for at most
+    ANOMALYMOE_MLFLOW_WAIT_S (default 600 s) in all; a 4xx answer is an error at once."""
+
+    def __init__(self, out: Path, run_name: str):
+        _fail_fast_mlflow_http()
+        self.out, self.run_name = out, run_name
+        self.deadline = time.monotonic() + float(os.environ.get("ANOMALYMOE_MLFLOW_WAIT_S", "600"))
+
+    def __call__(self, fn, what: str):
+        from mlflow.exceptions import MlflowException
+
+        delay = 2.0
+        while True:
+            try:
+                return fn()
+            except MlflowException as e:
+                status = e.get_http_status_code() if hasattr(e, "get_http_status_code") else 500
+                transient = status >= 500 or status == 429 or "Max retries" in str(e) or "onnection" in str(e)
+                if not transient:
+                    raise
+                err = e
+            except OSError as e:  # connection refused/reset below MLflow's client
+                err = e
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise MLflowUnavailable(
+                    f"MLflow stayed unreachable ({str(err)[:200]}) while logging the {what}. Nothing is lost: the "
+                    f"model, its evaluation and the history are in {self.out}, the checkpoints in the run storage. "
+                    f"Rerun the same command (--name {self.run_name}) once MLflow is back: training resumes at its "
+                    "last step and only this logging and registration is redone.") from None
+            print(f"[mlflow] {what}: MLflow unreachable ({str(err)[:120]}); retrying in {delay:.0f} s "
+                  f"(gives up in {left:.0f} s)", flush=True)
+            time.sleep(min(delay, max(left, 0.1)))
+            delay = min(2 * delay, 30.0)
+
+
+def _backfill_history(c, run_id: str, history: list[dict]) -> int:
+    """Log the history points (every report of rank 0, carried in the checkpoints) that the run does not have yet:
+    the ones rank 0 could not send while MLflow was down, or lost with a killed worker. Returns how many steps."""
+    from mlflow.entities import Metric
+
+    have = {m.step for m in c.get_metric_history(run_id, "loss")}
+    missing = [h for h in history if "step" in h and int(h["step"]) not in have]
+    now = int(time.time() * 1000)
+    points = [Metric(k, float(v), now, int(h["step"])) for h in missing for k, v in h.items()
+              if k != "step" and isinstance(v, int | float) and np.isfinite(v)]
+    for i in range(0, len(points), 500):
+        c.log_batch(run_id, metrics=points[i : i + 500])
+    if missing:
+        print(f"[mlflow] logged {len(missing)} reported steps the run did not have yet", flush=True)
+    return len(missing)
 
 
 def cpus_per_worker(workers: int) -> int:
@@ -491,13 +604,18 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
     from . import registry
 
     t0 = time.perf_counter()
+    _fail_fast_mlflow_http()
     prep = prepare(spec)
     run_name = spec.name or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(spec.output) if spec.output else REPO_ROOT / "outputs" / "train" / run_name
     params = _flatten("", {"model": prep.model_cfg, "train": spec.train.model_dump(mode="json"),
                            "job": {"data": spec.data, "workers": spec.workers, "holdout": spec.holdout,
                                    "alpha": spec.alpha, "storage": spec.storage}}, {})
-    run_id = _mlflow_run(spec, run_name, prep.tags, params)
+    try:
+        run_id = _mlflow_run(spec, run_name, prep.tags, params)
+    except Exception as e:  # noqa: BLE001 - MlflowException, connection errors: nothing has started yet
+        raise MLflowUnavailable(f"MLflow at {registry.tracking_uri()} cannot open the run ({str(e)[:300]}); "
+                                "nothing was started") from None
     print(f"[train] run {run_name}: {len(prep.train)} training images ({', '.join(prep.domains)}), "
           f"{len(prep.held)} held out; {spec.workers} worker(s), {spec.train.steps} steps, global batch "
           f"{spec.train.batch_size}; checkpoints -> {spec.storage}/{run_name}; MLflow {registry.tracking_uri()} "
@@ -514,7 +632,7 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         model, history = model_from_checkpoint(result.checkpoint, prep.model_cfg)
         summary = finish(prep, model, history, run_id, run_name, out, steps=spec.train.steps,
                          register=spec.register, t0=t0)
-        c.set_terminated(run_id, "FINISHED")
+        _MLflowRetry(out, run_name)(lambda: c.set_terminated(run_id, "FINISHED"), "run status")
     except BaseException:
         try:
             c.set_terminated(run_id, "FAILED")

@@ -283,3 +283,94 @@ def test_tune_runs_trials_stops_some_early_and_registers_the_best(ray_head, tiny
             assert cfg[section][name] == value, key
     trials = (tmp_path / "out" / "trials.csv").read_text().splitlines()
     assert len(trials) == 5 and "val_score" in trials[0]
+
+
+def _restart_mlflow(state: Path, port: int):
+    """The same server (database, artifacts, port) again; the killed one's port may linger a moment."""
+    from anomalymoe.platform.local_mlflow import LocalMLflow
+    from anomalymoe.platform.local_proc import LocalServerError
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return LocalMLflow(state, port, tie_to_parent=True).start()
+        except LocalServerError:
+            assert time.monotonic() < deadline, "MLflow could not be restarted on its port"
+            time.sleep(1)
+
+
+def _wait_for_line(log: Path, proc: subprocess.Popen, needle: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while needle not in log.read_text():
+        assert proc.poll() is None, log.read_text()[-4000:]
+        assert time.monotonic() < deadline, f"no {needle!r} in the job log"
+        time.sleep(0.2)
+
+
+def _steps_seen(log: Path) -> int:
+    import re
+
+    found = re.findall(r"\[train\] step (\d+)/", log.read_text())
+    return int(found[-1]) if found else 0
+
+
+def test_mlflow_killed_during_training(ray_head, tiny_data, tmp_path):
+    """The MLflow server is SIGKILLed mid-run and comes back later: training goes on meanwhile (rank 0's logger
+    queues, never waits), the job retries its MLflow calls, and once MLflow is back the run is complete — every
+    step's metrics (queued or backfilled from the checkpointed history), the artifacts, FINISHED, a registered
+    version. If MLflow stays away past ANOMALYMOE_MLFLOW_WAIT_S the job fails with a message that says nothing is
+    lost and how to finish, and the model is on disk."""
+    from mlflow import MlflowClient
+
+    from anomalymoe.platform.local_mlflow import LocalMLflow
+
+    server = LocalMLflow(tmp_path / "mlflow", tie_to_parent=True).start()
+    port, steps = server.port, 30
+    env = {**driver_env(ray_head, tmp_path), "MLFLOW_TRACKING_URI": server.uri, "ANOMALYMOE_MLFLOW_WAIT_S": "300"}
+    log, out = tmp_path / "log", tmp_path / "out"
+    args = train_args(tiny_data, "outage", str(tmp_path / "runs"), out, workers=1, steps=steps)
+    with log.open("w") as f:
+        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    back = None
+    try:
+        _wait_for_line(log, proc, "[train] step 3/")
+        os.killpg(server.pid, signal.SIGKILL)  # the server and its workers, no goodbye
+        killed_at = _steps_seen(log)
+        t0 = time.monotonic()
+        while _steps_seen(log) < killed_at + 5 and proc.poll() is None and time.monotonic() - t0 < 120:
+            time.sleep(0.5)
+        trained_while_down = _steps_seen(log) - killed_at
+        back = _restart_mlflow(tmp_path / "mlflow", port)
+        assert proc.wait(timeout=400) == 0, log.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    print(f"MLflow killed at step {killed_at}; {trained_while_down} steps trained while it was down")
+    assert trained_while_down >= 5, text[-3000:]  # training did not wait for MLflow
+    assert "MLflow unreachable" in text
+    summary = summary_of(text)
+    c = MlflowClient(back.uri)
+    run = c.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    assert {m.step for m in c.get_metric_history(run.info.run_id, "loss")} == set(range(1, steps + 1))
+    assert "model/model.safetensors" in {a.path for a in c.list_artifacts(run.info.run_id, "model")}
+    v = c.get_model_version_by_alias("anomalymoe-textures", "challenger")
+    assert v.run_id == run.info.run_id and str(v.version) == str(summary["versions"]["textures"])
+
+    # MLflow gone for good: a loud failure after the wait, nothing lost
+    env["ANOMALYMOE_MLFLOW_WAIT_S"] = "8"
+    out2 = tmp_path / "out2"
+    args = train_args(tiny_data, "gone", str(tmp_path / "runs"), out2, workers=1, steps=6)
+    with log.open("w") as f:
+        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        _wait_for_line(log, proc, "[train] step 2/")
+        os.killpg(back.pid, signal.SIGKILL)
+        rc = proc.wait(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert rc == 1 and "Nothing is lost" in text and "--name gone" in text, text[-3000:]
+    assert (out2 / "model" / "model.safetensors").is_file() and (out2 / "eval" / "report.json").is_file()
