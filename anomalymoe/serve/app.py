@@ -84,20 +84,21 @@ def with_driver_env(cfg: ServeConfig) -> ServeConfig:
     return cfg.model_copy(update={"env": {**env, **cfg.env}}) if env else cfg
 
 
-def deploy(cfg: ServeConfig, pinned: dict[str, dict[str, str]] | None = None, only: list[str] | None = None
-           ) -> dict[str, dict[str, str]]:
+def deploy(cfg: ServeConfig, pinned: dict[str, dict[str, str]] | None = None, only: list[str] | None = None,
+           log_level: str = "INFO") -> dict[str, dict[str, str]]:
     """Run every application of the rendered config on the connected Ray cluster (starting Serve's proxy on
-    cfg.host:cfg.port if it is not running). Returns the pins it deployed."""
+    cfg.host:cfg.port if it is not running). Returns the pins it deployed. `log_level` WARNING drops the
+    per-request access lines (the demo's console)."""
     pinned = pins(cfg) if pinned is None else pinned
     doc = render(with_driver_env(cfg), pinned)
-    serve.start(http_options=doc["http_options"])
+    serve.start(http_options=doc["http_options"], logging_config={"log_level": log_level})
     for app in doc["applications"]:
         if only and app["name"] not in only:
             continue
         module, _, fn = app["import_path"].partition(":")
         builder = getattr(importlib.import_module(module), fn)
         serve.run(builder({**app["args"], "pins": pinned}), name=app["name"], route_prefix=app["route_prefix"],
-                  blocking=False)
+                  blocking=False, logging_config={"log_level": log_level})
         log.info("deployed %s at %s", app["name"], app["route_prefix"])
     return pinned
 
