@@ -11,9 +11,5 @@
 # default <repo>/.local-stack; MLflow keeps db/log/pid in its mlflow/ subfolder), ANOMALYMOE_MLFLOW_PORT (5000),
 # ANOMALYMOE_MLFLOW_ARTIFACTS. One implementation: this wraps anomalymoe/platform/local_mlflow.py.
 set -euo pipefail
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-py=${PYTHON:-$root/.venv/bin/python}
-[ -x "$py" ] || { echo "mlflow.sh: $py not found: run infra/setup.sh first (or set PYTHON)" >&2; exit 1; }
-export ANOMALYMOE_LOCAL_STACK=${ANOMALYMOE_LOCAL_STACK:-$root/.local-stack}
-export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-exec "$py" -m anomalymoe.platform.local_mlflow "$@"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+run_local anomalymoe.platform.local_mlflow "$@"

@@ -10,9 +10,5 @@
 # Settings (env): ANOMALYMOE_LOCAL_STACK (state root, default <repo>/.local-stack; Ray keeps log/pid in ray/),
 # ANOMALYMOE_RAY_PORT (6379). One implementation: this wraps anomalymoe/platform/local_ray.py.
 set -euo pipefail
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-py=${PYTHON:-$root/.venv/bin/python}
-[ -x "$py" ] || { echo "ray.sh: $py not found: run infra/setup.sh first (or set PYTHON)" >&2; exit 1; }
-export ANOMALYMOE_LOCAL_STACK=${ANOMALYMOE_LOCAL_STACK:-$root/.local-stack}
-export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-exec "$py" -m anomalymoe.platform.local_ray "$@"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+run_local anomalymoe.platform.local_ray "$@"

@@ -10,9 +10,5 @@
 # s3/ subfolder), ANOMALYMOE_S3_PORT (8333), ANOMALYMOE_S3_ACCESS_KEY / ANOMALYMOE_S3_SECRET_KEY, ANOMALYMOE_S3_BUCKET.
 # One implementation: this wraps anomalymoe/platform/local_s3.py, which the tests use too.
 set -euo pipefail
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-py=${PYTHON:-$root/.venv/bin/python}
-[ -x "$py" ] || { echo "s3.sh: $py not found: run infra/setup.sh first (or set PYTHON)" >&2; exit 1; }
-export ANOMALYMOE_LOCAL_STACK=${ANOMALYMOE_LOCAL_STACK:-$root/.local-stack}
-export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-exec "$py" -m anomalymoe.platform.local_s3 "$@"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+run_local anomalymoe.platform.local_s3 "$@"

@@ -11,9 +11,5 @@
 # ANOMALYMOE_S3_PORT (8333), ANOMALYMOE_MLFLOW_PORT (5000), ANOMALYMOE_RAY_PORT (6379). The single servers also
 # have their own scripts (s3.sh, mlflow.sh, ray.sh); all wrap anomalymoe/platform/local_*.py, as the tests do.
 set -euo pipefail
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-py=${PYTHON:-$root/.venv/bin/python}
-[ -x "$py" ] || { echo "stack.sh: $py not found: run infra/setup.sh first (or set PYTHON)" >&2; exit 1; }
-export ANOMALYMOE_LOCAL_STACK=${ANOMALYMOE_LOCAL_STACK:-$root/.local-stack}
-export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-exec "$py" -m anomalymoe.platform.local_stack "$@"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+run_local anomalymoe.platform.local_stack "$@"
