@@ -57,7 +57,7 @@ def _default(v) -> str:
         v = v()
     if isinstance(v, BaseModel) or isinstance(v, type) and issubclass(v, BaseModel):
         return "(its own section)"
-    text = repr(v)
+    text = repr(v).replace(str(REPO_ROOT), "<repo>")  # the same document from every checkout
     return text if len(text) <= 60 else text[:57] + "…"
 
 
