@@ -530,7 +530,6 @@ def bench_serve(args) -> dict:
     try:
         import mlflow
         import ray
-        import requests
         from ray import serve
 
         from anomalymoe.models.artifact import save_artifact
@@ -540,7 +539,7 @@ def bench_serve(args) -> dict:
         from anomalymoe.platform.local_proc import free_port
         from anomalymoe.platform.pipeline import Frame, load_rows
         from anomalymoe.serve import inference
-        from anomalymoe.serve.app import deploy
+        from anomalymoe.serve.app import deploy, wait_ready
         from anomalymoe.serve.config import Autoscaling, DomainConfig, RateLimit, ServeConfig
         from anomalymoe.serve.tenants import TenantStore
 
@@ -596,16 +595,7 @@ def bench_serve(args) -> dict:
         pinned = deploy(cfg)
         serve_started = True
         base = f"http://{cfg.host}:{cfg.port}"
-        deadline = time.monotonic() + args.ready_timeout
-        while True:
-            try:
-                if requests.get(f"{base}/v1/readyz", timeout=10).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the service was not ready in {args.ready_timeout} s")
-            time.sleep(0.5)
+        wait_ready(cfg, timeout=args.ready_timeout)
         ready_s = time.perf_counter() - t
         print(f"deployed and ready in {ready_s:.1f} s", file=sys.stderr, flush=True)
 

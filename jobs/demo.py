@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stage(4, "start the scoring service (Ray Serve: one application per domain + ops) with a demo tenant")
     from anomalymoe.platform.local_proc import free_port, port_free
-    from anomalymoe.serve.app import deploy
+    from anomalymoe.serve.app import NotReady, deploy, wait_ready
     from anomalymoe.serve.config import DomainConfig, RateLimit, ServeConfig
     from anomalymoe.serve.tenants import TenantError, TenantStore
 
@@ -239,13 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pinned = deploy(cfg, log_level="WARNING")
         url = f"http://{cfg.host}:{cfg.port}"
-        import requests
-
-        deadline = time.monotonic() + 300
-        while requests.get(f"{url}/v1/readyz", timeout=10).status_code != 200:
-            if time.monotonic() > deadline:
-                raise SystemExit("the scoring service did not become ready in 300 s")
-            time.sleep(1)
+        try:
+            wait_ready(cfg, timeout=300)
+        except NotReady as e:
+            raise SystemExit(str(e)) from None
         for d, p in pinned.items():
             print(f"    {url}/v1/{d}/score  serves anomalymoe-{d} version {p['version']}", flush=True)
 

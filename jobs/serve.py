@@ -24,9 +24,6 @@ import os
 import signal
 import sys
 import threading
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
@@ -49,21 +46,6 @@ def _config(args) -> ServeConfig:
     return cfg.model_copy(update=changes) if changes else cfg
 
 
-def wait_ready(cfg: ServeConfig, timeout: float = 600.0) -> dict:
-    """Poll GET /v1/readyz until 200 (models loaded) or timeout; returns its body."""
-    url, t0, body = f"http://{cfg.host}:{cfg.port}/v1/readyz", time.monotonic(), {}
-    while time.monotonic() - t0 < timeout:
-        try:
-            with urllib.request.urlopen(url, timeout=10) as r:
-                return json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            body = json.loads(e.read() or b"{}")
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(1.0)
-    raise SystemExit(f"the service did not become ready in {timeout:.0f} s: {json.dumps(body)[:1000]}")
-
-
 def _deploy(cfg: ServeConfig, address: str | None) -> dict:
     from anomalymoe.platform.ray_training import connect_ray
     from anomalymoe.serve.app import deploy
@@ -81,7 +63,12 @@ def cmd_run(args) -> int:
 
     cfg = _config(args)
     pinned = _deploy(cfg, args.address)
-    ready = wait_ready(cfg)
+    from anomalymoe.serve.app import NotReady, wait_ready
+
+    try:
+        ready = wait_ready(cfg)
+    except NotReady as e:
+        raise SystemExit(str(e)) from None
     base = f"http://{cfg.host}:{cfg.port}"
     print(f"serving on {base}:")
     for d, p in pinned.items():

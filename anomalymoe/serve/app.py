@@ -8,8 +8,12 @@ so Serve reconfigures the running replicas in place (no restart, no lost request
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
+import time
+import urllib.error
+import urllib.request
 from typing import Any
 
 from ray import serve
@@ -84,8 +88,8 @@ def with_driver_env(cfg: ServeConfig) -> ServeConfig:
     return cfg.model_copy(update={"env": {**env, **cfg.env}}) if env else cfg
 
 
-def deploy(cfg: ServeConfig, pinned: dict[str, dict[str, str]] | None = None, only: list[str] | None = None,
-           log_level: str = "INFO") -> dict[str, dict[str, str]]:
+def deploy(cfg: ServeConfig, pinned: dict[str, dict[str, str]] | None = None, log_level: str = "INFO"
+           ) -> dict[str, dict[str, str]]:
     """Run every application of the rendered config on the connected Ray cluster (starting Serve's proxy on
     cfg.host:cfg.port if it is not running). Returns the pins it deployed. `log_level` WARNING drops the
     per-request access lines (the demo's console)."""
@@ -93,14 +97,31 @@ def deploy(cfg: ServeConfig, pinned: dict[str, dict[str, str]] | None = None, on
     doc = render(with_driver_env(cfg), pinned)
     serve.start(http_options=doc["http_options"], logging_config={"log_level": log_level})
     for app in doc["applications"]:
-        if only and app["name"] not in only:
-            continue
         module, _, fn = app["import_path"].partition(":")
         builder = getattr(importlib.import_module(module), fn)
         serve.run(builder({**app["args"], "pins": pinned}), name=app["name"], route_prefix=app["route_prefix"],
                   blocking=False, logging_config={"log_level": log_level})
         log.info("deployed %s at %s", app["name"], app["route_prefix"])
     return pinned
+
+
+class NotReady(TimeoutError):
+    """The service did not answer 200 on /v1/readyz in time; the message carries its last readiness answer."""
+
+
+def wait_ready(cfg: ServeConfig, timeout: float = 600.0) -> dict[str, Any]:
+    """Poll GET /v1/readyz until 200 (every domain's model loaded); returns its body, or raises NotReady."""
+    url, t0, body = f"http://{cfg.host}:{cfg.port}/v1/readyz", time.monotonic(), {}
+    while time.monotonic() - t0 < timeout:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            body = json.loads(e.read() or b"{}")
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(1.0)
+    raise NotReady(f"the service did not become ready in {timeout:.0f} s: {json.dumps(body)[:1000]}")
 
 
 def push(cfg: ServeConfig) -> dict[str, dict[str, str]]:

@@ -129,10 +129,7 @@ def service(ray_head, mlflow_server, s3, tmp_path_factory):
         try:
             app.deploy(cfg)
             url = f"http://{cfg.host}:{cfg.port}"
-            t0 = time.monotonic()
-            while requests.get(f"{url}/v1/readyz", timeout=10).status_code != 200:
-                assert time.monotonic() - t0 < 180, "the service did not become ready"
-                time.sleep(1)
+            app.wait_ready(cfg, timeout=180)
             yield Service(cfg, url, keys, versions, root, df)
         finally:
             serve.shutdown()
