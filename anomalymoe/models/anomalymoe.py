@@ -28,6 +28,7 @@ from .losses import (
     hard_mining_cosine,
     hard_mining_p,
 )
+from .precision import autocast, fp32
 from .router import Router, Routing
 from .scoring import (
     DEFAULT_KEY,
@@ -45,8 +46,9 @@ from .scoring import (
 
 @dataclass
 class PatchOut:
-    idx: Tensor  # samples this expert ran on
+    idx: Tensor  # samples this expert ran on (on the model's device)
     de: list[Tensor]  # per fuse group [n, C, h, w]
+    rows: list[int] | None = None  # the same samples, known on the host (no device sync to read them)
 
     def feature(self) -> Tensor:  # pooled last group, used by EIR
         return self.de[-1].mean((2, 3))
@@ -57,6 +59,7 @@ class GlobalOut:
     idx: Tensor
     ae: Tensor  # [n, C, h, w]
     student: Tensor
+    rows: list[int] | None = None
 
     def feature(self) -> Tensor:
         return self.student.mean((2, 3))
@@ -75,7 +78,7 @@ class MoEOutput:
     patch: dict[int, PatchOut]
     global_: dict[int, GlobalOut]
     component: dict[int, ComponentOut]
-    comp_feats: Tensor  # [K, C]
+    comp_feats: Tensor  # [K, C] float32
     comp_owner: Tensor  # [K] image index of each component
     comp_valid: Tensor  # [K] the component's mask is not empty (else: a missing part)
     masks: list[Tensor | None]
@@ -83,14 +86,15 @@ class MoEOutput:
     grid: tuple[int, int]
     global_target: Tensor | None = None  # [B, C, h, w] (rows only for samples that need it)
     eir_pairs: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    n_valid: int = 0  # comp_valid.sum(), read once on the host with the routing mask
+
+
+def _host_rows(col: Tensor) -> list[int]:
+    return col.nonzero(as_tuple=True)[0].tolist()
 
 
 # Raw score of an empty component slot: 1 - cos(reconstruction, 0) for a zero feature.
 MISSING_PART_SCORE = 1.0
-
-
-def _rows(mask_col: Tensor) -> Tensor:
-    return mask_col.nonzero(as_tuple=True)[0]
 
 
 class AnomalyMoE(nn.Module):
@@ -109,6 +113,9 @@ class AnomalyMoE(nn.Module):
         self.router = Router(dim, cfg.num_experts, cfg.router)
         self.mi_estimator = MIEstimator(dim)
         self.calibration = Calibration()  # fitted on normal images, saved as calibration.json
+        # mixed precision of predict / calibration: None = the device's rule (bf16 autocast on CUDA, float32 on a
+        # CPU; precision.py), or "bf16" / "fp32". Not part of the config: the same artifact runs on either device.
+        self.inference_precision: str | None = None
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -140,10 +147,19 @@ class AnomalyMoE(nn.Module):
         return [p for n, p in self.named_parameters()
                 if p.requires_grad and not n.startswith(("backbone.", "mi_estimator."))]
 
-    def _ran_on(self, mask: Tensor, j: int) -> Tensor:
+    def _ran_on(self, mask_host: Tensor, j: int) -> list[int]:
         if self.cfg.execution == "dense":
-            return torch.arange(mask.shape[0], device=mask.device)
-        return _rows(mask[:, j])
+            return list(range(mask_host.shape[0]))
+        return _host_rows(mask_host[:, j])
+
+    def to_device(self, device: str | torch.device) -> AnomalyMoE:
+        """Move to `device`; on CUDA the convolutional global experts use channels_last (cuDNN's NHWC kernels
+        for bf16; NCHW made cuDNN fall back to implicit-GEMM kernels and convert layouts around every conv)."""
+        dev = torch.device(device)
+        self.to(dev)
+        if dev.type == "cuda":
+            self.global_experts.to(memory_format=torch.channels_last)
+        return self
 
     def forward(
         self,
@@ -160,56 +176,71 @@ class AnomalyMoE(nn.Module):
         compute_targets: run the backbone on images_ae for the global experts' training target
         (default: in training mode). At inference there is exactly one backbone pass."""
         b = images.shape[0]
+        dev = images.device
         masks = list(masks) if masks is not None else [None] * b
         feats = feats if feats is not None else self.backbone(images)
-        available = torch.ones(b, self.router.total, dtype=torch.bool, device=images.device)
-        has_parts = torch.tensor([m is not None and m.shape[0] > 0 for m in masks], device=images.device)
+        available = torch.ones(b, self.router.total, dtype=torch.bool, device=dev)
+        has_parts = torch.tensor([m is not None and m.shape[0] > 0 for m in masks], device=dev)
         available[:, self.router.level_slices["component"]] = has_parts[:, None]
         routing = self.router(feats.cls, available)
         groups = self.cfg.backbone.fuse_groups
         en_groups = [feats.to_map(feats.fuse(g)) for g in groups]
         fused_all = feats.fuse()
         sl = routing.level_slices
+        comp_feats, owner, valid = component_features(feats.to_map(fused_all), masks, self.cfg.component.dilation)
+        # Dispatch: the routing mask and the component validity reach the host in ONE copy; every expert's rows
+        # are then known on the host (one device sync per forward instead of one `nonzero` per expert).
+        host = torch.cat([routing.mask.flatten(), valid]).cpu()
+        mask_h, valid_h = host[: routing.mask.numel()].view_as(routing.mask), host[routing.mask.numel():]
+
+        def on_device(rows: list[int]) -> Tensor:
+            return torch.tensor(rows, dtype=torch.long).to(dev, non_blocking=True)
 
         # Patch experts
         patch: dict[int, PatchOut] = {}
         for j in range(self.cfg.patch.num):
-            idx = self._ran_on(routing.mask, sl["patch"].start + j)
-            if idx.numel():
-                patch[j] = PatchOut(idx, [feats.to_map(d) for d in self.patch_experts[j](fused_all[idx])])
+            rows = self._ran_on(mask_h, sl["patch"].start + j)
+            if rows:
+                idx = on_device(rows)
+                patch[j] = PatchOut(idx, [feats.to_map(d) for d in self.patch_experts[j](fused_all[idx])], rows)
 
         # Global experts: normalised (jittered, in training) view; target = backbone map of that view
         ae_view = images if images_ae is None else images_ae
         ae_norm = self.backbone.normalize(ae_view)
+        if ae_norm.is_cuda:
+            ae_norm = ae_norm.contiguous(memory_format=torch.channels_last)
         glob: dict[int, GlobalOut] = {}
         for j in range(self.cfg.global_.num):
-            idx = self._ran_on(routing.mask, sl["global"].start + j)
-            if idx.numel():
-                glob[j] = GlobalOut(idx, *self.global_experts[j](ae_norm[idx]))
+            rows = self._ran_on(mask_h, sl["global"].start + j)
+            if rows:
+                idx = on_device(rows)
+                glob[j] = GlobalOut(idx, *self.global_experts[j](ae_norm[idx]), rows)
         if compute_targets is None:
             compute_targets = self.training
         target = None
         if compute_targets and glob:
-            need = torch.unique(torch.cat([g.idx for g in glob.values()]))
+            need = on_device(sorted({r for g in glob.values() for r in g.rows}))
             target = en_groups[-1].new_zeros(en_groups[-1].shape)
             if images_ae is None:
                 target[need] = en_groups[-1][need]
             else:  # second backbone pass, only on the samples a global expert ran on
                 f_ae = self.backbone(images_ae[need])
-                target[need] = f_ae.to_map(f_ae.fuse(groups[-1]))
+                target[need] = f_ae.to_map(f_ae.fuse(groups[-1])).to(target.dtype)
 
         # Component experts: only on non-empty slots (an empty slot is a missing part, scored in level_maps)
-        comp_feats, owner, valid = component_features(feats.to_map(fused_all), masks, self.cfg.component.dilation)
+        owner_h = torch.repeat_interleave(torch.arange(b), torch.tensor([0 if m is None else m.shape[0]
+                                                                         for m in masks]))
         comp: dict[int, ComponentOut] = {}
-        if valid.any():
+        if bool(valid_h.any()):
             for j in range(self.cfg.component.num):
-                col = routing.mask[:, sl["component"].start + j]
-                cidx = _rows(valid if self.cfg.execution == "dense" else valid & col[owner])
-                if cidx.numel():
+                col = mask_h[:, sl["component"].start + j]
+                crow = _host_rows(valid_h if self.cfg.execution == "dense" else valid_h & col[owner_h])
+                if crow:
+                    cidx = on_device(crow)
                     comp[j] = ComponentOut(cidx, self.component_experts[j](comp_feats[cidx]))
 
         out = MoEOutput(routing, en_groups, patch, glob, comp, comp_feats, owner, valid, masks, b, feats.grid,
-                        target)
+                        target, n_valid=int(valid_h.sum()))
         if self.training and self.cfg.loss.lambda_eir > 0:
             out.eir_pairs = self._eir_pairs(out, fused_all, ae_norm, feats)
         return out
@@ -225,27 +256,29 @@ class AnomalyMoE(nn.Module):
             if len(active) < 2:
                 continue
             i, j = random.sample(active, 2)
-            union = torch.unique(torch.cat([outs[i].idx, outs[j].idx]))
-            if union.numel() < 2:
+            union = sorted(set(outs[i].rows) | set(outs[j].rows))
+            if len(union) < 2:
                 continue
             pairs[level] = (self._feature_on(level, i, outs[i], union, fused_all, ae_norm, feats),
                             self._feature_on(level, j, outs[j], union, fused_all, ae_norm, feats))
         return pairs
 
-    def _feature_on(self, level: str, j: int, have: PatchOut | GlobalOut, union: Tensor, fused_all: Tensor,
+    def _feature_on(self, level: str, j: int, have: PatchOut | GlobalOut, union: list[int], fused_all: Tensor,
                     ae_norm: Tensor, feats: BackboneFeatures) -> Tensor:
-        pos = {int(s): k for k, s in enumerate(have.idx.tolist())}
-        missing = torch.tensor([s for s in union.tolist() if s not in pos], dtype=torch.long)
+        dev = fused_all.device
+        pos = {s: k for k, s in enumerate(have.rows)}
+        missing_rows = [s for s in union if s not in pos]
         base = have.feature()
-        if missing.numel() == 0:
-            return base[torch.tensor([pos[s] for s in union.tolist()])]
+        if not missing_rows:
+            return base[torch.tensor([pos[s] for s in union], device=dev)]
+        missing = torch.tensor(missing_rows, dtype=torch.long, device=dev)
         if level == "patch":
             extra = PatchOut(missing, [feats.to_map(d) for d in self.patch_experts[j](fused_all[missing])]).feature()
         else:
             extra = GlobalOut(missing, *self.global_experts[j](ae_norm[missing])).feature()
-        rows = torch.cat([base, extra])
-        order = {s: k for k, s in enumerate(have.idx.tolist() + missing.tolist())}
-        return rows[torch.tensor([order[s] for s in union.tolist()])]
+        rows = torch.cat([base, extra.to(base.dtype)])
+        order = {s: k for k, s in enumerate(have.rows + missing_rows)}
+        return rows[torch.tensor([order[s] for s in union], device=dev)]
 
     # ----------------------------------------------------------------------------------------------
     def losses(self, out: MoEOutput, step: int = 0) -> dict[str, Tensor]:
@@ -269,7 +302,7 @@ class AnomalyMoE(nn.Module):
             per = global_loss(go.ae, go.student, out.global_target[go.idx])
             l_global = l_global + (w * per).sum() / b
         l_comp = zero
-        n_comp = max(1, int(out.comp_valid.sum()))
+        n_comp = max(1, out.n_valid)
         for j, co in out.component.items():
             w = r.weights[out.comp_owner[co.cidx], sl["component"].start + j]
             per = component_loss(co.recon, out.comp_feats[co.cidx])
@@ -285,14 +318,17 @@ class AnomalyMoE(nn.Module):
     def component_scores(self, out: MoEOutput) -> tuple[Tensor, Tensor]:
         """Per component row (all images' slots, concatenated): the routing-weighted mean of the selected
         experts' 1 - cos, and whether the image's component level was routed at all. An empty slot
-        (a missing part) scores MISSING_PART_SCORE, the value of 1 - cos against a zero feature."""
+        (a missing part) scores MISSING_PART_SCORE, the value of 1 - cos against a zero feature.
+        Float32 accumulators and sources, autocast off (precision.py)."""
         r, sl = out.routing, out.routing.level_slices
         k = out.comp_feats.shape[0]
-        s, mass = out.comp_feats.new_zeros(k), out.comp_feats.new_zeros(k)
-        for j, co in out.component.items():
-            wj = r.weights[out.comp_owner[co.cidx], sl["component"].start + j]
-            s.index_add_(0, co.cidx, wj * component_loss(co.recon, out.comp_feats[co.cidx]))
-            mass.index_add_(0, co.cidx, wj)
+        with fp32(out.comp_feats.device):
+            s = out.comp_feats.new_zeros(k, dtype=torch.float32)
+            mass = torch.zeros_like(s)
+            for j, co in out.component.items():
+                wj = r.weights[out.comp_owner[co.cidx], sl["component"].start + j].float()
+                s.index_add_(0, co.cidx, wj * component_loss(co.recon.float(), out.comp_feats[co.cidx].float()))
+                mass.index_add_(0, co.cidx, wj)
         valid = out.comp_valid
         routed = r.mask[out.comp_owner][:, sl["component"]].any(1)
         s = torch.where(valid, s / mass.clamp_min(1e-12), torch.full_like(s, MISSING_PART_SCORE))
@@ -300,57 +336,67 @@ class AnomalyMoE(nn.Module):
 
     def level_maps(self, out: MoEOutput, size: int, slot_norm: Tensor | None = None
                    ) -> tuple[dict[str, Tensor], Tensor]:
-        """Raw per-level anomaly maps [B, size, size] and a [B, 3] bool of which levels the router used.
+        """Raw per-level anomaly maps [B, size, size] (float32) and a [B, 3] bool of which levels the router used.
 
         Inside a level, the map is the routing-weighted mean of the selected experts' maps (weights
         renormalised within the level), so a level's scale does not depend on how much routing mass it
         got; how levels are combined is the scoring config's explicit fusion rule (METHOD.md §5 #8).
         slot_norm: [K, 3] (low, high, presence) per component row (Calibration.slot_rows); component scores
-        become (s - low) / (high - low), clamped at 0, before they are painted (see _normalize_slots)."""
+        become (s - low) / (high - low), clamped at 0, before they are painted (see _normalize_slots).
+        Computed in float32 with autocast off, without a host synchronisation."""
+        with fp32(out.en_groups[0].device):
+            return self._level_maps(out, size, slot_norm)
+
+    def _level_maps(self, out: MoEOutput, size: int, slot_norm: Tensor | None) -> tuple[dict[str, Tensor], Tensor]:
         r, sl, b = out.routing, out.routing.level_slices, out.batch_size
         h, w = out.grid
-        ref = out.en_groups[0]
-        maps, present = {}, torch.zeros(b, len(LEVELS), dtype=torch.bool, device=ref.device)
+        dev = out.en_groups[0].device
+        maps, present = {}, torch.zeros(b, len(LEVELS), dtype=torch.bool, device=dev)
 
         def accumulate(level: str, items: dict) -> Tensor:
-            acc, mass = ref.new_zeros(b, h, w), ref.new_zeros(b)
+            acc, mass = torch.zeros(b, h, w, device=dev), torch.zeros(b, device=dev)
             for j, o in items.items():
-                wj = r.weights[o.idx, sl[level].start + j]
+                wj = r.weights[o.idx, sl[level].start + j].float()
                 if level == "patch":
-                    m = torch.stack([1 - F.cosine_similarity(e[o.idx], d, dim=1)
+                    m = torch.stack([1 - F.cosine_similarity(e[o.idx].float(), d.float(), dim=1)
                                      for e, d in zip(out.en_groups, o.de, strict=True)]).mean(0)
                 else:
-                    m = ((o.ae - o.student) ** 2).mean(1)
+                    m = ((o.ae.float() - o.student.float()) ** 2).mean(1)
                 acc.index_add_(0, o.idx, wj[:, None, None] * m)
                 mass.index_add_(0, o.idx, wj)
             present[:, LEVELS.index(level)] = mass > 0
             return acc / mass.clamp_min(1e-12)[:, None, None]
 
-        for level, items in (("patch", out.patch), ("global", out.global_)):
-            m = accumulate(level, items)
-            maps[level] = F.interpolate(m[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+        # patch and global maps upsampled in one call (bilinear works per channel: the same maps as two calls)
+        grid_maps = torch.stack([accumulate(lv, items) for lv, items in (("patch", out.patch),
+                                                                         ("global", out.global_))], 1)
+        up = F.interpolate(grid_maps, size=(size, size), mode="bilinear", align_corners=False)
+        maps["patch"], maps["global"] = up[:, 0], up[:, 1]
 
         # Component level: score per component painted into its mask, max over components. A missing part
         # has no pixels of its own: its score covers the whole image (the absence is the anomaly).
-        comp_map = ref.new_zeros(b, size, size)
-        if out.comp_feats.shape[0]:
+        comp_map = torch.zeros(b, size, size, device=dev)
+        counted = [(bi, m) for bi, m in enumerate(out.masks) if m is not None and m.shape[0] > 0]
+        if out.comp_feats.shape[0] and counted:
             s, used = self.component_scores(out)
             valid = out.comp_valid
             if slot_norm is not None:
                 s = self._normalize_slots(s, valid, slot_norm).clamp_min(0)
-            start = 0
-            for bi, m in enumerate(out.masks):
-                n = 0 if m is None else m.shape[0]
-                if n == 0:
-                    continue
-                rows = slice(start, start + n)
-                start += n
-                if not used[rows].any():
-                    continue
-                mk = F.interpolate(m[:, None].to(ref.dtype), size=(size, size), mode="nearest")[:, 0]
-                mk[~valid[rows]] = 1.0
-                comp_map[bi] = (s[rows, None, None] * mk * used[rows, None, None]).amax(0)
-                present[bi, LEVELS.index("component")] = True
+            shapes = {tuple(m.shape[1:]) for _, m in counted}
+            if len(shapes) == 1:
+                mk = F.interpolate(torch.cat([m for _, m in counted])[:, None].float(), size=(size, size),
+                                   mode="nearest")[:, 0]
+            else:
+                mk = torch.cat([F.interpolate(m[:, None].float(), size=(size, size), mode="nearest")[:, 0]
+                                for _, m in counted])
+            mk = torch.where(valid[:, None, None], mk, torch.ones_like(mk))
+            painted = (s * used.float())[:, None, None] * mk  # [K, size, size], >= 0
+            owner = out.comp_owner
+            flat = painted.flatten(1)
+            comp_map = comp_map.flatten(1).scatter_reduce_(0, owner[:, None].expand_as(flat), flat, "amax")
+            comp_map = comp_map.view(b, size, size)
+            routed = torch.zeros(b, device=dev).index_add_(0, owner, used.float()) > 0
+            present[:, LEVELS.index("component")] = routed
         maps["component"] = comp_map
         return maps, present
 
@@ -358,6 +404,7 @@ class AnomalyMoE(nn.Module):
         """(s - low) / (high - low) per row; a missing slot that normal images do not reliably have
         (presence below missing_part_min_presence) is segmentation noise and scores 0."""
         sc = self.cfg.scoring
+        slot_norm = slot_norm.to(s.device, torch.float32)
         z = (s - slot_norm[:, 0]) / (slot_norm[:, 1] - slot_norm[:, 0]).clamp_min(1e-12)
         z = torch.where(valid, z, z.clamp_min(sc.missing_part_score))
         unreliable = ~valid & (slot_norm[:, 2] < sc.missing_part_min_presence)
@@ -378,23 +425,25 @@ class AnomalyMoE(nn.Module):
             cal = calibration if calibration is not None else self.calibration
             sc = self.cfg.scoring
             size = sc.map_size or images.shape[-1]
-            out = self(images, masks, compute_targets=False)
+            with autocast(images.device, self.inference_precision):
+                out = self(images, masks, compute_targets=False)
             counts = [0 if m is None else m.shape[0] for m in out.masks]
             cats = categories or [None] * images.shape[0]
             slot_norm = cal.slot_rows(cats, counts) if sc.component_slot_norm else None
             raw, present = self.level_maps(out, size, slot_norm)
             mass = self.level_mass(out.routing)
-            fused = smooth(fuse(raw, present, mass, cal, sc), sc.smooth_kernel, sc.smooth_sigma)
-            score = top_ratio_score(fused, sc.top_ratio)
-            level_scores = torch.stack(
-                [torch.where(present[:, i], top_ratio_score(cal.levels.get(lv, LevelNorm()).apply(raw[lv]),
-                                                            sc.top_ratio), torch.nan)
-                 for i, lv in enumerate(LEVELS)], 1)
+            with fp32(images.device):  # the score and its parts: float32 whatever the experts ran in
+                fused = smooth(fuse(raw, present, mass, cal, sc), sc.smooth_kernel, sc.smooth_sigma)
+                score = top_ratio_score(fused, sc.top_ratio)
+                level_scores = torch.stack(
+                    [torch.where(present[:, i], top_ratio_score(cal.levels.get(lv, LevelNorm()).apply(raw[lv]),
+                                                                sc.top_ratio), torch.nan)
+                     for i, lv in enumerate(LEVELS)], 1)
             norms = [cal.for_category(c) for c in cats]
             normalized = torch.tensor(
                 [n.normalize(float(s)) if n else math.nan for n, s in zip(norms, score, strict=True)])
             threshold = torch.tensor([n.threshold if n else math.nan for n in norms])
-            comp_scores = self.component_scores(out)[0]
+            comp_scores = self.component_scores(out)[0] if out.comp_feats.shape[0] else out.comp_feats.new_zeros(0)
             if slot_norm is not None:
                 comp_scores = self._normalize_slots(comp_scores, out.comp_valid, slot_norm)
             return Prediction(score.cpu(), normalized, threshold, fused.cpu(), {k: v.cpu() for k, v in raw.items()},
@@ -444,7 +493,8 @@ class AnomalyMoE(nn.Module):
         by_cat: dict[str, list[SlotStats]] = {}
         try:
             for images, masks, cats in batches:
-                out = self(images, masks, compute_targets=False)
+                with autocast(images.device, self.inference_precision):
+                    out = self(images, masks, compute_targets=False)
                 s, used = self.component_scores(out)
                 s, used, valid = s.tolist(), used.tolist(), out.comp_valid.tolist()
                 start = 0

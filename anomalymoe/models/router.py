@@ -8,12 +8,13 @@ import torch
 from torch import Tensor, nn
 
 from .config import LEVELS, RouterConfig
+from .precision import fp32
 
 
 @dataclass
 class Routing:
     logits: Tensor  # [B, E] raw gate logits
-    weights: Tensor  # [B, E] routing weights, zero for unselected experts
+    weights: Tensor  # [B, E] float32 routing weights, zero for unselected experts
     mask: Tensor  # [B, E] bool, the selected experts
     level_slices: dict[str, slice]  # expert index range of each level, in LEVELS order
 
@@ -46,7 +47,8 @@ class Router(nn.Module):
         """available [B, E] bool: experts that have an input for that image (component experts need
         component masks). Unavailable experts are never selected; the reference would route to them
         anyway and waste the slot (its top-3 may even pick only experts that do nothing)."""
-        logits = self.gate(cls)
+        with fp32(cls.device):  # routing decides which experts run: never on bf16 rounding (precision.py)
+            logits = self.gate(cls.float())
         sel = logits if available is None else logits.masked_fill(~available, -torch.inf)
         if self.cfg.mode == "joint":
             weights, mask = _topk_softmax(sel, self.cfg.top_k)
@@ -64,6 +66,7 @@ class Router(nn.Module):
 
 def _topk_softmax(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     top, idx = logits.topk(k, dim=1)
-    weights = torch.zeros_like(logits).scatter(1, idx, top.softmax(1))
+    # explicit float32 on both sides: CUDA autocast returns softmax in float32 whatever its input (issue 12)
+    weights = torch.zeros_like(logits, dtype=torch.float32).scatter(1, idx, top.float().softmax(1))
     mask = torch.zeros_like(logits, dtype=torch.bool).scatter(1, idx, True)
     return weights, mask

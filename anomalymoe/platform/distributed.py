@@ -22,16 +22,32 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def mean_over_ranks(values: dict[str, float], device: str | torch.device = "cpu") -> dict[str, float]:
+    """The mean of each scalar over all ranks (metrics a rank logs); one all-reduce, on `device` (the training
+    device: NCCL reduces CUDA tensors only)."""
+    if not (dist.is_available() and dist.is_initialized()) or not values:
+        return dict(values)
+    world = world_size()
+    t = torch.tensor(list(values.values()), dtype=torch.float64).to(device)
+    dist.all_reduce(t)
+    return {k: float(v) / world for k, v in zip(values, t.tolist(), strict=True)}
+
+
 def average_gradients(params: Sequence[nn.Parameter], bucket_elements: int = BUCKET_ELEMENTS) -> None:
     """Mean of each parameter's gradient over ranks (see the module doc for parameters without one)."""
-    world = world_size()
-    if world == 1:
+    if not (dist.is_available() and dist.is_initialized()):
         return
+    world = world_size()  # world 1 still runs the collectives: the one-GPU NCCL check goes through them
     params = [p for p in params if p.requires_grad]
-    used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
+    if not params:
+        return
+    # every collective on the parameters' device: NCCL has no CPU tensors ("No backend type associated with device
+    # type cpu" on the first step with --gpu), gloo takes either
+    used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32).to(params[0].device)
     dist.all_reduce(used, op=dist.ReduceOp.MAX)
-    live = [p for p, u in zip(params, used.tolist(), strict=True) if u > 0]
-    for p, u in zip(params, used.tolist(), strict=True):
+    flags = used.tolist()
+    live = [p for p, u in zip(params, flags, strict=True) if u > 0]
+    for p, u in zip(params, flags, strict=True):
         if u == 0:
             p.grad = None
     bucket: list[nn.Parameter] = []

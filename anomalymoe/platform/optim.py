@@ -20,13 +20,16 @@ class StableAdamW(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One update of every parameter that has a gradient, with multi-tensor (foreach) kernels and no host
+        synchronisation: the per-tensor clip factor stays on the device (the loop version read it with float()
+        once per tensor, hundreds of GPU syncs per step). Parameters are grouped by their own step count
+        (a sparse expert skips the steps it got no gradient in, so bias corrections differ between tensors)."""
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            b1, b2 = group["betas"]
+            by_step: dict[int, list[torch.Tensor]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = p.grad.float()
                 st = self.state[p]
                 if not st:
                     st["step"] = 0
@@ -35,22 +38,43 @@ class StableAdamW(Optimizer):
                     if group["amsgrad"]:
                         st["max_exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
                 st["step"] += 1
-                t = st["step"]
-                m, v = st["exp_avg"], st["exp_avg_sq"]
-                m.mul_(b1).add_(g, alpha=1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                if group["amsgrad"]:
-                    torch.maximum(st["max_exp_avg_sq"], v, out=st["max_exp_avg_sq"])
-                    v_hat = st["max_exp_avg_sq"]
-                else:
-                    v_hat = v
-                bc1, bc2 = 1 - b1**t, 1 - b2**t
-                rms = (g.pow(2) / v_hat.div(bc2).clamp_min(group["eps"] ** 2)).mean().sqrt()
-                lr = group["lr"] / max(1.0, float(rms) / group["clip_threshold"])
-                p.mul_(1 - lr * group["weight_decay"])
-                denom = (v_hat / bc2).sqrt().add_(group["eps"])
-                p.add_((m / bc1 / denom).to(p.dtype), alpha=-lr)
+                by_step.setdefault(st["step"], []).append(p)
+            for t, params in by_step.items():
+                self._update(group, params, t)
         return loss
+
+    def _update(self, group: dict, params: list[torch.Tensor], t: int) -> None:
+        b1, b2 = group["betas"]
+        eps, clip, lr, wd = group["eps"], group["clip_threshold"], group["lr"], group["weight_decay"]
+        states = [self.state[p] for p in params]
+        grads = [p.grad.float() for p in params]
+        m = [st["exp_avg"] for st in states]
+        v = [st["exp_avg_sq"] for st in states]
+        torch._foreach_mul_(m, b1)
+        torch._foreach_add_(m, grads, alpha=1 - b1)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
+        if group["amsgrad"]:
+            v_hat = [st["max_exp_avg_sq"] for st in states]
+            torch._foreach_maximum_(v_hat, v)
+        else:
+            v_hat = v
+        bc1, bc2 = 1 - b1**t, 1 - b2**t
+        v_bc = torch._foreach_div(v_hat, bc2)
+        # RMS of g^2 / v per tensor (StableAdamW's update clip), as a device vector
+        ratio = torch._foreach_div(torch._foreach_mul(grads, grads), torch._foreach_clamp_min(v_bc, eps**2))
+        numel = torch.tensor([g.numel() for g in grads], dtype=torch.float32, device=grads[0].device)
+        rms = (torch.stack(torch._foreach_norm(ratio, 1)) / numel).sqrt()
+        lr_t = lr / torch.clamp_min(rms / clip, 1.0)
+        torch._foreach_mul_(params, list((1 - lr_t * wd).unbind()))
+        denom = torch._foreach_sqrt(v_bc)
+        torch._foreach_add_(denom, eps)
+        upd = torch._foreach_div(m, bc1)
+        torch._foreach_div_(upd, denom)
+        torch._foreach_mul_(upd, list((-lr_t).unbind()))
+        if any(p.dtype != torch.float32 for p in params):
+            upd = [u.to(p.dtype) for u, p in zip(upd, params, strict=True)]
+        torch._foreach_add_(params, upd)
 
 
 def warm_cosine_lr(step: int, base_lr: float, total_steps: int, warmup_steps: int = 100,

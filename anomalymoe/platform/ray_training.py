@@ -84,17 +84,6 @@ def _batches(cfg: LoopConfig, tcfg: TrainConfig, frame: Frame, start: int, rank:
         step = stop
 
 
-def _mean_over_ranks(rec: dict[str, float], keys: tuple[str, ...], world: int) -> dict[str, float]:
-    if world == 1:
-        return {k: rec[k] for k in keys if k in rec}
-    import torch.distributed as dist
-
-    present = [k for k in keys if k in rec]
-    t = torch.tensor([rec[k] for k in present], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: float(v) / world for k, v in zip(present, t.tolist(), strict=True)}
-
-
 def _fail_fast_mlflow_http() -> None:
     """MLflow's HTTP client retries a refused connection for minutes by default (7 tries, exponential backoff),
     blocking the caller; our callers retry themselves, on their own schedule. A user's own setting wins."""
@@ -183,7 +172,7 @@ def train_loop(config: dict[str, Any]) -> None:
     """The Ray Train worker function."""
     import ray.train
 
-    from .distributed import average_gradients
+    from .distributed import average_gradients, mean_over_ranks
 
     cfg: LoopConfig = config["loop"]
     ctx = ray.train.get_context()
@@ -195,7 +184,10 @@ def train_loop(config: dict[str, Any]) -> None:
         raise ValueError(f"batch size {tcfg.batch_size} must be divisible by the {world} workers")
     seed_everything(tcfg.seed)  # the same initial weights on every rank
     device = ray.train.torch.get_device()
-    model = AnomalyMoE(ModelConfig.from_dict(cfg.model)).to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # the global experts' convs: cuDNN picks its kernels per shape once
+    model = AnomalyMoE(ModelConfig.from_dict(cfg.model)).to_device(device)
+    # bf16 autocast on CUDA, float32 on CPUs (precision.py); gradients averaged on the device (NCCL or gloo)
     trainer = Trainer(model, tcfg, grad_sync=average_gradients if world > 1 else None)
     ckpt = ray.train.get_checkpoint()
     history: list[dict] = []  # rank 0's reports, carried in every checkpoint (so a resumed run has all of them)
@@ -207,7 +199,6 @@ def train_loop(config: dict[str, Any]) -> None:
             print(f"[train] resumed from step {trainer.step_num} ({ckpt.path})", flush=True)
     frame = Frame.for_backbone(model.cfg.backbone)
     mlf = _MLflowLogger(cfg.mlflow) if rank == 0 else None
-    use_bf16 = device.type == "cuda"
     start_step, t_start, n_imgs = trainer.step_num, time.perf_counter(), 0
     times = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
     it = _batches(cfg, tcfg, frame, trainer.step_num, rank, world)
@@ -219,8 +210,7 @@ def train_loop(config: dict[str, Any]) -> None:
         times["data"] += time.perf_counter() - t_data
         images = images.to(device, non_blocking=True)
         masks = [m.to(device) if m is not None else None for m in masks]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            rec = trainer.step(images, masks)
+        rec = trainer.step(images, masks)
         for k in ("forward", "backward", "optimizer"):
             times[k] += rec[f"time_{k}"]
         n_imgs += images.shape[0] * world
@@ -230,7 +220,7 @@ def train_loop(config: dict[str, Any]) -> None:
             t_data = time.perf_counter()
             continue
         keys = LOGGED + tuple(k for k in rec if k.startswith(("use_", "esb")) and k not in LOGGED)
-        metrics = _mean_over_ranks(rec, keys, world)
+        metrics = mean_over_ranks({k: rec[k] for k in keys if k in rec}, device)
         elapsed = time.perf_counter() - t_start
         metrics["images_per_s"] = n_imgs / max(elapsed, 1e-9)
         metrics.update({f"time_{k}": v / max(1, step - start_step) for k, v in times.items()})

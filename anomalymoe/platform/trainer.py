@@ -21,6 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..models.anomalymoe import AnomalyMoE
+from ..models.precision import autocast
 from .optim import StableAdamW, warm_cosine_lr
 
 log = logging.getLogger(__name__)
@@ -77,10 +78,13 @@ def color_jitter(images: Tensor, strength: float, generator: torch.Generator | N
 
 class Trainer:
     def __init__(self, model: AnomalyMoE, cfg: TrainConfig, reference_mode: bool = False,
-                 grad_sync: Callable[[list[torch.nn.Parameter]], None] | None = None):
+                 grad_sync: Callable[[list[torch.nn.Parameter]], None] | None = None, precision: str | None = None):
         """grad_sync: called on the parameters after each backward, before clipping (data-parallel training
-        passes distributed.average_gradients)."""
+        passes distributed.average_gradients). precision: None = the device's rule (bf16 autocast on CUDA,
+        float32 on a CPU; precision.py), or "bf16" / "fp32" explicitly. Only the forward and the losses run
+        under autocast; backward and the optimiser step do not."""
         self.model, self.cfg, self.reference_mode, self.grad_sync = model, cfg, reference_mode, grad_sync
+        self.precision = precision
         groups = [
             {"params": [p for p in model.patch_experts.parameters()], "name": "patch"},
             {"params": [p for p in model.global_experts.parameters()], "name": "global"},
@@ -96,9 +100,11 @@ class Trainer:
         m, cfg = self.model, self.cfg
         m.train()
         t0 = time.perf_counter()
+        mixed = autocast(images.device, self.precision)
         images_ae = color_jitter(images, cfg.jitter, self.generator)
-        out = m(images, masks, images_ae, step=self.step_num)
-        losses = m.losses(out, self.step_num)
+        with mixed:
+            out = m(images, masks, images_ae, step=self.step_num)
+            losses = m.losses(out, self.step_num)
         t1 = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
@@ -112,18 +118,19 @@ class Trainer:
         self.opt.step()
         pairs = out.eir_pairs
         if self.reference_mode:  # reference: a second full forward only to feed the estimator
-            with torch.no_grad():
+            with torch.no_grad(), mixed:
                 pairs = m(images, masks, images_ae, step=self.step_num).eir_pairs
-        est = 0.0
+        est = torch.zeros(())
         # Data parallel: every rank joins the estimator's gradient average, also a rank whose batch gave no expert
         # pair (it contributes zeros). Skipping it there left the ranks in different collectives: gloo aborted
         # (measured with per-level top-1 routing, 4 images per rank).
         if pairs or self.grad_sync is not None:
             self.est_opt.zero_grad(set_to_none=True)
             if pairs:
-                est_loss = m.mi_estimator.learning_loss(pairs)
+                with mixed:
+                    est_loss = m.mi_estimator.learning_loss(pairs)
                 est_loss.backward()
-                est = float(est_loss.detach())
+                est = est_loss.detach()
             if self.grad_sync is not None:
                 self.grad_sync(list(m.mi_estimator.parameters()))
             if any(p.grad is not None for p in m.mi_estimator.parameters()):
@@ -133,12 +140,12 @@ class Trainer:
         self.step_num += 1
         r = out.routing
         usage = r.mask.float().mean(0)
-        return {
-            **{k: float(v.detach()) for k, v in losses.items()},
-            "estimator_nll": est, "grad_norm": float(grad_norm), "lr": lr,
-            "time_forward": t1 - t0, "time_backward": t2 - t1, "time_optimizer": t3 - t2,
-            **{f"use_{lv}": float(usage[s].sum()) for lv, s in r.level_slices.items()},
-        }
+        # every device scalar of the step reaches the host in one copy (one sync per step, not one per value)
+        scalars = {**{k: v.detach() for k, v in losses.items()}, "estimator_nll": est, "grad_norm": grad_norm,
+                   **{f"use_{lv}": usage[s].sum() for lv, s in r.level_slices.items()}}
+        values = torch.stack([v.float().to(usage.device).reshape(()) for v in scalars.values()]).tolist()
+        rec = dict(zip(scalars, values, strict=True))
+        return {**rec, "lr": lr, "time_forward": t1 - t0, "time_backward": t2 - t1, "time_optimizer": t3 - t2}
 
 
 def fit(model: AnomalyMoE, batches: Callable[[], Iterator[tuple[Tensor, list | None]]], cfg: TrainConfig,

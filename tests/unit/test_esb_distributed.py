@@ -54,7 +54,7 @@ def test_esb_statistics_are_global_across_ranks():
 
 
 def _grad_worker(rank: int, world: int, port: int, out) -> None:
-    from anomalymoe.platform.distributed import average_gradients
+    from anomalymoe.platform.distributed import average_gradients, mean_over_ranks
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -64,17 +64,20 @@ def _grad_worker(rank: int, world: int, port: int, out) -> None:
         if rank == 0:
             only0.grad = torch.full((3,), 4.0)  # an expert routed to on rank 0 only
         average_gradients([shared, only0, nobody], bucket_elements=4)  # several buckets
-        out[rank] = (shared.grad.tolist(), only0.grad.tolist(), nobody.grad)
+        means = mean_over_ranks({"loss": float(rank), "lr": 0.5}, "cpu")  # the logged metrics of a step
+        out[rank] = (shared.grad.tolist(), only0.grad.tolist(), nobody.grad, means)
     finally:
         dist.destroy_process_group()
 
 
 def test_gradients_are_averaged_for_sparse_experts():
-    """Mean over ranks; a rank without a gradient contributes zeros; a parameter nobody used keeps None."""
+    """Mean over ranks; a rank without a gradient contributes zeros; a parameter nobody used keeps None.
+    The collectives run on the parameters' device (gloo here; NCCL with --gpu, checked by infra/gpu/check.sh)."""
     out = mp.Manager().dict()
     mp.spawn(_grad_worker, args=(2, _free_port(), out), nprocs=2, join=True)
     for rank in range(2):
-        shared, only0, nobody = out[rank]
+        shared, only0, nobody, means = out[rank]
+        assert means == {"loss": 0.5, "lr": 0.5}  # mean_over_ranks: one all-reduce of every logged value
         assert shared == [1.5, 1.5, 1.5]
         assert only0 == [2.0, 2.0, 2.0]  # (4 + 0) / 2: the global-batch mean of a per-sample-summed loss
         assert nobody is None  # the optimiser skips it, as in single-process training
