@@ -40,6 +40,7 @@ def _sections() -> list[tuple[str, str, type]]:
         ("Serving · rate", "`default_rate:` and a tenant's `--rate/--burst`", sc.RateLimit),
         ("Cluster (KubeRay)", "infra/k8s/cluster.yaml", kuberay.ClusterConfig),
         ("Cluster · pods", "", kuberay.Pods), ("Cluster · worker group", "", kuberay.WorkerGroup),
+        ("Cluster · GPU toleration", "one entry of `gpu_tolerations:`", kuberay.Toleration),
     ]
 
 

@@ -65,11 +65,15 @@ class DomainConfig(_Strict):
     domain: str
     alias: str = registry.CHAMPION
     model: str | None = Field(None, description="fixed model URI instead of the alias (artifact dir, s3://, models:/)")
-    max_batch_size: int = Field(8, ge=1)
+    max_batch_size: int = Field(8, ge=1, description="images per forward pass; CPU replicas 8-16, GPU replicas "
+                                                     "32-64 (a GPU is idle between small batches)")
     batch_wait_timeout_s: float = Field(0.05, ge=0)
     max_ongoing_requests: int = Field(16, ge=1)
     autoscaling: Autoscaling = Autoscaling()
     scorer_cpus: float = Field(1.0, ge=0, description="Ray CPUs per scorer replica")
+    scorer_gpus: float = Field(0.0, ge=0, le=1, description="Ray GPUs per scorer replica (num_gpus); > 0 runs the "
+                                                            "model on CUDA in bf16, < 1 shares a GPU between "
+                                                            "replicas; a replica without CUDA refuses to start")
     torch_threads: int | None = Field(None, ge=1, description="torch threads per replica (default: scorer_cpus)")
     ingress_replicas: int = Field(1, ge=1)
 
@@ -90,6 +94,12 @@ class DomainConfig(_Strict):
     @property
     def model_uri(self) -> str:
         return self.model or f"models:/{registry.model_name(self.domain)}@{self.alias}"
+
+    @property
+    def device(self) -> str:
+        """Where a scorer replica runs the model: Ray gives a replica with num_gpus its own CUDA_VISIBLE_DEVICES,
+        so plain "cuda" is that replica's GPU."""
+        return "cuda" if self.scorer_gpus > 0 else "cpu"
 
     @property
     def threads(self) -> int:
@@ -149,7 +159,8 @@ def _scorer_deployment(d: DomainConfig, pin: dict[str, str] | None) -> dict[str,
                                "initial_replicas": max(a.min_replicas, 1),
                                "target_ongoing_requests": a.target_ongoing_requests,
                                "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s},
-        "ray_actor_options": {"num_cpus": d.scorer_cpus},
+        # num_gpus only when asked for: CPU documents stay as they were
+        "ray_actor_options": {"num_cpus": d.scorer_cpus, **({"num_gpus": d.scorer_gpus} if d.scorer_gpus else {})},
         # the model this app serves; a promotion changes only this, so Serve reconfigures replicas in place
         "user_config": pin or {"uri": d.model_uri},
         "graceful_shutdown_timeout_s": 30.0,

@@ -5,13 +5,20 @@ explain it, and optionally the anomaly map as a base64 PNG overlay.
 
 Requests are scored without component masks: those come from `jobs/segment.py`'s per-category clusters,
 which an artifact does not carry yet, so the component experts sit out and the patch and global levels score
-(the same as `jobs/evaluate.py` on data without component masks)."""
+(the same as `jobs/evaluate.py` on data without component masks).
+
+Device: a replica with `scorer_gpus` loads the model on CUDA and runs each batch under bf16 autocast, then
+brings the answer back to the host in fp32; on the CPU it runs in fp32 exactly as the evaluation does (bf16
+autocast is 5x slower on CPUs without bf16 units, DESIGN.md §3), so served and evaluated scores agree bit for
+bit there."""
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -22,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..models.anomalymoe import AnomalyMoE
+from ..models.anomalymoe import AnomalyMoE, Prediction
 from ..models.artifact import load_artifact
 from ..models.config import LEVELS
 from ..models.scoring import DEFAULT_KEY, ScoreNorm
@@ -40,6 +47,29 @@ class Loaded:
 
     def describe(self, variant: str | None = None) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "uri": self.uri, "variant": variant}
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are (the one source of truth: set once by `load`)."""
+        return next(self.model.parameters()).device
+
+
+class DeviceError(RuntimeError):
+    """A replica was given a GPU in its config but sees no CUDA device."""
+
+
+def device_for(gpus: float) -> torch.device:
+    """The torch device for a replica with `gpus` Ray GPUs. A GPU replica without CUDA is a deployment error
+    (wrong node, missing driver, a CPU-only torch): failing at replica start says so, where a silent CPU fallback
+    would serve many times slower with nobody told."""
+    if gpus <= 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DeviceError(f"this scorer replica asks for {gpus:g} GPU (scorer_gpus) but torch sees no CUDA device "
+                          f"(torch {torch.__version__}, CUDA build {torch.version.cuda}, CUDA_VISIBLE_DEVICES="
+                          f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); run it on a GPU node or set "
+                          "scorer_gpus: 0")
+    return torch.device("cuda")
 
 
 def resolve(uri: str) -> tuple[str, str, str]:
@@ -61,16 +91,16 @@ def resolve(uri: str) -> tuple[str, str, str]:
     return uri.rstrip("/"), "local", uri
 
 
-def load(uri: str, threads: int | None = None) -> Loaded:
-    """Resolve, download and strictly load an artifact (never unpickles)."""
+def load(uri: str, threads: int | None = None, device: str | torch.device = "cpu") -> Loaded:
+    """Resolve, download and strictly load an artifact (never unpickles) onto `device`."""
     if threads:
         torch.set_num_threads(threads)
     name, version, concrete = resolve(uri)
     if concrete.startswith("models:/") or concrete.startswith("s3://"):
         with tempfile.TemporaryDirectory(prefix="anomalymoe-serve-") as tmp:  # weights end up in memory
-            model = load_artifact(registry.download(concrete, Path(tmp)))
+            model = load_artifact(registry.download(concrete, Path(tmp)), device=device)
     else:
-        model = load_artifact(concrete)
+        model = load_artifact(concrete, device=device)
     if version == "local":
         version = model.cfg.config_hash()[:12]
     return Loaded(model, name, version, uri, Frame.for_backbone(model.cfg.backbone))
@@ -131,6 +161,29 @@ def _f(x: float) -> float | None:
     return None if math.isnan(x) else float(x)
 
 
+def _host(x: Any) -> Any:
+    """A prediction's tensors on the CPU in fp32 (autocast leaves some in bf16: ~3 significant digits)."""
+    if isinstance(x, torch.Tensor):
+        x = x.cpu()
+        return x.float() if x.is_floating_point() else x
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.replace(x, **{f.name: _host(getattr(x, f.name)) for f in dataclasses.fields(x) if f.init})
+    if isinstance(x, dict):
+        return {k: _host(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_host(v) for v in x]
+    return x
+
+
+def predict(model: AnomalyMoE, images: torch.Tensor, categories: list[str | None]) -> Prediction:
+    """One forward pass on the model's device, in the device's precision (AnomalyMoE.predict: fp32 on the CPU,
+    bit-equal to the evaluation; bf16 autocast on CUDA, as calibration ran there), the result on the host."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return model.predict(images, None, categories)
+    return _host(model.predict(images.to(device), None, categories))
+
+
 def score_batch(loaded: Loaded, items: list[dict[str, Any]], domain: str, variant: str | None = None
                 ) -> list[dict[str, Any]]:
     """Each item: {"data": bytes, "category": str|None, "map": bool, "enqueued": time.time()}.
@@ -149,7 +202,7 @@ def score_batch(loaded: Loaded, items: list[dict[str, Any]], domain: str, varian
         keep.append(i)
     t1 = time.time()
     if keep:
-        p = loaded.model.predict(torch.stack(images), None, cats)
+        p = predict(loaded.model, torch.stack(images), cats)
         t2 = time.time()
         routing = p.routing
         names = [f"{lv}.{j}" for lv in LEVELS for j in range(routing.level_slices[lv].stop

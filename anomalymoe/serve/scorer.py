@@ -8,7 +8,10 @@
   the tenant record, never by the client), LRU-cached per replica.
 - `@serve.batch` groups concurrent requests; Ray Serve splits a batch by multiplexed model id, and `_run`
   checks that again, so one forward pass never mixes two models. The forward runs in a worker thread, so the
-  replica keeps accepting (and queueing) requests meanwhile."""
+  replica keeps accepting (and queueing) requests meanwhile.
+- Device: `scorer_gpus` > 0 puts every model of the replica on its GPU (bf16 autocast, see inference.py); a GPU
+  replica that sees no CUDA device fails in its constructor, so Serve reports the deployment unhealthy with
+  that message instead of a slow CPU replica serving unnoticed."""
 
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from typing import Any
 from ray import serve
 
 from .config import ServeConfig
-from .inference import Loaded, load, score_batch
+from .inference import Loaded, device_for, load, score_batch
 from .metrics import Metrics
 
 log = logging.getLogger("ray.serve")
@@ -35,6 +38,7 @@ class Scorer:
         self.cfg = ServeConfig.model_validate(config)
         self.dom = self.cfg.domain(domain)
         self.domain = domain
+        self.device = device_for(self.dom.scorer_gpus)  # before anything is loaded: a wrong node fails here
         torch.set_num_threads(self.dom.threads)
         self.default: Loaded | None = None
         self.metrics = Metrics()
@@ -51,7 +55,7 @@ class Scorer:
         if self.default is not None and self.default.uri == uri:
             return
         t0 = time.perf_counter()
-        loaded = await asyncio.to_thread(load, uri, self.dom.threads)
+        loaded = await asyncio.to_thread(load, uri, self.dom.threads, self.device)
         pinned = user_config.get("version")
         if pinned and pinned != loaded.version:
             raise ValueError(f"{uri} resolved to version {loaded.version}, the deployment pins {pinned}")
@@ -66,7 +70,7 @@ class Scorer:
 
     @serve.multiplexed(max_num_models_per_replica=4)
     async def variant(self, model_id: str) -> Loaded:
-        loaded = await asyncio.to_thread(load, model_id, self.dom.threads)
+        loaded = await asyncio.to_thread(load, model_id, self.dom.threads, self.device)
         self.metrics.set("anomalymoe_model_info", 1, domain=self.domain, model=loaded.name, version=loaded.version,
                          variant=model_id)
         return loaded
@@ -74,7 +78,8 @@ class Scorer:
     async def info(self) -> dict[str, Any]:
         """What this replica serves (the readiness check calls this)."""
         d = self.default
-        return {"domain": self.domain, "ready": d is not None, "model": d.describe() if d else None}
+        return {"domain": self.domain, "ready": d is not None, "model": d.describe() if d else None,
+                "device": str(self.device)}
 
     async def recent_batches(self) -> list[tuple[str, int]]:
         return list(self.batches)

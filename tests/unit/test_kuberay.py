@@ -4,6 +4,10 @@ RayServices' Serve configs being the ServeConfig's own rendering, hashes matchin
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -16,14 +20,35 @@ K8S = REPO_ROOT / "infra" / "k8s"
 
 @pytest.fixture(scope="module")
 def rendered():
-    cfg = kuberay.load_cluster(K8S / "cluster.yaml")
-    serve = load_config(REPO_ROOT / cfg.serve_config)
-    return cfg, serve, kuberay.render_all(cfg, serve)
+    cfg, serve, serve_gpu = kuberay.serve_configs(kuberay.load_cluster(K8S / "cluster.yaml"))
+    return cfg, serve, kuberay.render_all(cfg, serve, serve_gpu)
 
 
 def _containers(cluster_spec: dict) -> list[dict]:
     groups = [cluster_spec["headGroupSpec"], *cluster_spec["workerGroupSpecs"]]
     return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+class _Parsed(Exception):
+    pass
+
+
+def _job_parser(script: str) -> argparse.ArgumentParser:
+    """The argparse parser a jobs/ script builds in main(), caught before it parses (nothing runs)."""
+    spec = importlib.util.spec_from_file_location(f"job_{Path(script).stem}", REPO_ROOT / script)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    caught: list[argparse.ArgumentParser] = []
+
+    def catch(parser, *args, **kwargs):
+        caught.append(parser)
+        raise _Parsed
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(argparse.ArgumentParser, "parse_args", catch)
+        with pytest.raises(_Parsed):
+            job.main([])
+    return caught[0]
 
 
 def test_checked_in_manifests_are_current(rendered):
@@ -55,7 +80,9 @@ def test_kuberay_required_fields(rendered):
         if m["kind"] == "RayJob":
             script = m["spec"]["entrypoint"].split()[1]
             assert m["spec"]["entrypoint"].startswith("python jobs/") and (REPO_ROOT / script).is_file()
-    assert len(kinds["RayJob"]) == 2 and len(kinds["RayService"]) == len(serve.domains)
+            _job_parser(script).parse_args(m["spec"]["entrypoint"].split()[2:])  # exits on an unknown flag
+    gpu_serve = load_config(REPO_ROOT / cfg.serve_config_gpu)
+    assert len(kinds["RayJob"]) == 4 and len(kinds["RayService"]) == len(serve.domains) + len(gpu_serve.domains)
     assert {m["kind"] for m in manifests.values()} == {"ConfigMap", "Secret", "RayJob", "RayService"}
 
 
@@ -73,15 +100,78 @@ def test_manifests_agree_with_each_other_and_the_serve_config(rendered):
     assert images == {cfg.image} and cluster_hashes == {cfg.config_hash()}
     defined = {m["metadata"]["name"] for m in manifests.values() if m["kind"] in ("ConfigMap", "Secret")}
     assert env_refs == defined  # every pod gets exactly the settings that are defined here
-    for d in serve.domains:
-        m = manifests[f"rayservice-{d.domain}.yaml"]
+    gpu_serve = load_config(REPO_ROOT / cfg.serve_config_gpu)
+    variants = [*((d, "", serve) for d in serve.domains), *((d, "-gpu", gpu_serve) for d in gpu_serve.domains)]
+    for d, suffix, sv in variants:
+        m = manifests[f"rayservice-{d.domain}{suffix}.yaml"]
         doc = yaml.safe_load(m["spec"]["serveConfigV2"])
         ServeDeploySchema.model_validate(doc)
         assert [a["name"] for a in doc["applications"]] == ["ops", d.domain]
-        one = serve.model_copy(update={"domains": [d], "host": "0.0.0.0"})
+        one = sv.model_copy(update={"domains": [d], "host": "0.0.0.0"})
         assert doc == render(one)  # the same renderer `serve deploy` and jobs/serve.py use
         assert {a["args"]["config_hash"] for a in doc["applications"]} == \
             {m["metadata"]["annotations"]["anomalymoe.io/serve-config-hash"]}
+
+
+def _workers(m: dict) -> dict:
+    spec = m["spec"].get("rayClusterSpec") or m["spec"]["rayClusterConfig"]
+    (group,) = spec["workerGroupSpecs"]
+    return group
+
+
+def _scorer(m: dict) -> dict:
+    apps = yaml.safe_load(m["spec"]["serveConfigV2"])["applications"]
+    return next(d for a in apps for d in a["deployments"] if d["name"] == "Scorer")
+
+
+def test_gpu_variants_ask_for_gpus_and_cpu_variants_do_not(rendered):
+    cfg, serve, manifests = rendered
+    for job in ("train", "tune"):
+        gpu, cpu = _workers(manifests[f"rayjob-{job}-gpu.yaml"]), _workers(manifests[f"rayjob-{job}.yaml"])
+        pod = gpu["template"]["spec"]
+        (c,) = pod["containers"]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == cfg.gpu_workers.pods.gpu >= 1
+        assert gpu["rayStartParams"]["num-gpus"] == str(cfg.gpu_workers.pods.gpu)
+        assert pod["nodeSelector"] == cfg.gpu_node_selector and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+        assert "nvidia.com/gpu" not in yaml.dump(cpu), f"rayjob-{job}.yaml asks for a GPU"
+        assert "nodeSelector" not in cpu["template"]["spec"] and "num-gpus" not in cpu["rayStartParams"]
+    gpu_args = manifests["rayjob-train-gpu.yaml"]["spec"]["entrypoint"].split()
+    n = cfg.gpu_workers.replicas * cfg.gpu_workers.pods.gpu
+    assert "--gpu" in gpu_args and gpu_args[gpu_args.index("--workers") + 1] == str(n)  # one Train worker per GPU
+    cpu_args = manifests["rayjob-train.yaml"]["spec"]["entrypoint"].split()
+    assert "--gpu" not in cpu_args and cpu_args[cpu_args.index("--workers") + 1] == str(cfg.workers.replicas)
+    for d in serve.domains:
+        cpu_svc, gpu_svc = manifests[f"rayservice-{d.domain}.yaml"], manifests[f"rayservice-{d.domain}-gpu.yaml"]
+        assert "num_gpus" not in _scorer(cpu_svc)["ray_actor_options"] and "nvidia.com" not in yaml.dump(cpu_svc)
+        assert _scorer(gpu_svc)["ray_actor_options"]["num_gpus"] == 1
+        assert _scorer(gpu_svc)["max_ongoing_requests"] >= 32 and gpu_svc["metadata"]["name"].endswith("-gpu")
+        assert _workers(gpu_svc)["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] >= 1
+
+
+def test_cluster_config_refuses_mixed_up_gpu_settings():
+    from pydantic import ValidationError
+
+    from anomalymoe.serve.config import DomainConfig, ServeConfig
+
+    with pytest.raises(ValidationError, match="CPU group: put GPUs in serve_gpu_workers"):
+        kuberay.ClusterConfig(serve_workers=kuberay.WorkerGroup(pods=kuberay.Pods(gpu=1)))
+    with pytest.raises(ValidationError, match="gpu_workers.pods.gpu"):
+        kuberay.ClusterConfig(gpu_workers=kuberay.WorkerGroup(pods=kuberay.Pods(gpu=0)))
+    with pytest.raises(ValidationError, match="derives them"):
+        kuberay.ClusterConfig(train_args=["--data", "x", "--workers=3"])
+    with pytest.raises(ValidationError, match="effect"):
+        kuberay.Toleration(effect="Sometimes")
+    cfg = kuberay.ClusterConfig()
+    cpu = ServeConfig(domains=[DomainConfig(domain="t")])
+    gpu = ServeConfig(domains=[DomainConfig(domain="t", scorer_gpus=1)])
+    assert "rayservice-t-gpu.yaml" in kuberay.render_all(cfg, cpu, gpu)
+    with pytest.raises(ValueError, match="scorer_gpus 1 but its worker group 'cpu-workers' has 0 GPU"):
+        kuberay.render_all(cfg, gpu)  # a GPU scorer would never schedule on the CPU workers
+    with pytest.raises(ValueError, match="scorer_gpus 0"):
+        kuberay.render_all(cfg, cpu, cpu)  # a GPU cluster whose scorers leave the GPU idle
+    clash = ServeConfig(domains=[DomainConfig(domain="t-gpu")])
+    with pytest.raises(ValueError, match="rayservice-t-gpu.yaml"):
+        kuberay.render_all(cfg, clash, gpu)
 
 
 def test_dockerfile_installs_the_pinned_package():

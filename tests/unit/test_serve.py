@@ -5,6 +5,8 @@ ingress's input checks, a batch through the scorer's inference, and the OpenAPI 
 from __future__ import annotations
 
 import base64
+import copy
+import dataclasses
 import io
 import json
 import time
@@ -78,6 +80,77 @@ def test_infra_serve_config_is_rendered_from_its_typed_config():
     assert rendered.read_text() == render_yaml(load_config(typed)), \
         "infra/serve/local.serve.yaml is stale: python jobs/serve.py render --config infra/serve/local.yaml " \
         "--out infra/serve/local.serve.yaml"
+
+
+def test_gpu_scorer_renders_num_gpus_and_a_cuda_device():
+    from ray.serve.schema import ServeDeploySchema
+
+    gpu = sc.DomainConfig(domain="textures", scorer_gpus=1, max_batch_size=32, max_ongoing_requests=64)
+    cfg = sc.ServeConfig(domains=[gpu, sc.DomainConfig(domain="objects")])
+    doc = sc.render(cfg)
+    ServeDeploySchema.model_validate(doc)
+    opts = {a["name"]: next(d for d in a["deployments"] if d["name"] == "Scorer")["ray_actor_options"]
+            for a in doc["applications"] if a["name"] != "ops"}
+    assert opts == {"textures": {"num_cpus": 1.0, "num_gpus": 1.0}, "objects": {"num_cpus": 1.0}}
+    assert (gpu.device, cfg.domain("objects").device) == ("cuda", "cpu")
+    assert sc.DomainConfig(domain="t", scorer_gpus=0.5).device == "cuda"  # a shared GPU is still a GPU
+    with pytest.raises(ValidationError, match="scorer_gpus"):
+        sc.DomainConfig(domain="t", scorer_gpus=2)  # one model per replica: a second GPU would sit idle
+    with pytest.raises(ValidationError, match="scorer_gpu"):
+        sc.DomainConfig.model_validate({"domain": "t", "scorer_gpu": 1})  # a typo is not a CPU replica
+    # the GPU preset: every scorer on a GPU, with the larger batches a GPU wants
+    preset = sc.load_config(sc.REPO_ROOT / "infra" / "serve" / "cluster-gpu.yaml")
+    ServeDeploySchema.model_validate(sc.render(preset))
+    assert all(d.device == "cuda" and d.max_batch_size >= 32 for d in preset.domains)
+
+
+def test_scorer_takes_its_device_from_the_config_and_refuses_a_missing_gpu(monkeypatch):
+    from anomalymoe.serve.inference import DeviceError, device_for
+    from anomalymoe.serve.scorer import Scorer
+
+    def replica(gpus: float):
+        cfg = sc.ServeConfig(domains=[sc.DomainConfig(domain="textures", scorer_gpus=gpus)])
+        return Scorer.func_or_class("textures", cfg.model_dump(mode="json"))  # the class Serve instantiates
+
+    assert replica(0).device == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert replica(1).device == torch.device("cuda") and device_for(0.25) == torch.device("cuda")
+    assert replica(0).device == torch.device("cpu")  # a GPU on the node does not move a CPU replica
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match=r"asks for 1 GPU \(scorer_gpus\) but torch sees no CUDA device"):
+        replica(1)
+
+
+def test_load_puts_the_artifact_on_the_replica_device(tmp_path, monkeypatch):
+    from anomalymoe.models.anomalymoe import AnomalyMoE
+    from anomalymoe.models.artifact import save_artifact
+    from anomalymoe.models.config import presets
+    from anomalymoe.serve import inference
+
+    torch.manual_seed(0)
+    save_artifact(AnomalyMoE(presets()["test-tiny"]).eval(), tmp_path / "model")
+    loaded = inference.load(str(tmp_path / "model"))
+    assert loaded.device == torch.device("cpu") and loaded.version == loaded.model.cfg.config_hash()[:12]
+    asked = []
+    monkeypatch.setattr(inference, "load_artifact", lambda d, device="cpu": asked.append(device) or loaded.model)
+    inference.load(str(tmp_path / "model"), device="cuda")  # no CUDA here: only the hand-over is checked
+    assert asked == ["cuda"]
+
+
+def test_host_copy_of_a_gpu_prediction_is_fp32_on_the_cpu(loaded):
+    from anomalymoe.serve.inference import _host, predict
+
+    size = loaded.model.cfg.backbone.img_size
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(2))
+    p = predict(loaded.model, x, ["textures/brick", None])
+    ref = loaded.model.predict(x, None, ["textures/brick", None])
+    assert torch.equal(p.score, ref.score) and torch.equal(p.anomaly_map, ref.anomaly_map)  # CPU: untouched fp32
+    half = dataclasses.replace(ref, score=ref.score.bfloat16(), anomaly_map=ref.anomaly_map.bfloat16(),
+                               routing=dataclasses.replace(ref.routing, weights=ref.routing.weights.bfloat16()))
+    back = _host(half)
+    assert back.score.dtype == back.anomaly_map.dtype == back.routing.weights.dtype == torch.float32
+    assert back.routing.mask.dtype == torch.bool and back.routing.level_slices == ref.routing.level_slices
+    assert torch.allclose(back.score, ref.score, rtol=1e-2)
 
 
 # ------------------------------------------------------------------------------------------------ tenants
@@ -220,6 +293,23 @@ def test_score_batch_answers_each_item_and_isolates_bad_ones(loaded):
     alone = score_batch(loaded, [dict(items[0], map=False)], "textures")[0]
     assert alone["score"] == pytest.approx(ok["score"], rel=1e-4, abs=1e-5)  # float sums differ by batch
     assert out[3]["category"] is None and out[3]["threshold"] is not None  # the pooled threshold
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_score_batch_on_cuda_matches_the_cpu(loaded):
+    from anomalymoe.serve.inference import Loaded, score_batch
+
+    now = time.time()
+    items = [{"data": png(64, 64, seed=s), "category": "brick", "map": s == 0, "enqueued": now} for s in range(4)]
+    cpu = score_batch(loaded, items, "textures")
+    model = copy.deepcopy(loaded.model).to("cuda")
+    on_gpu = score_batch(Loaded(model, loaded.name, loaded.version, loaded.uri, loaded.frame), items, "textures")
+    for a, b in zip(cpu, on_gpu, strict=True):
+        assert b["score"] == pytest.approx(a["score"], rel=5e-2, abs=1e-3)  # bf16 autocast vs fp32
+        assert [e["expert"] for e in b["experts"]] == [e["expert"] for e in a["experts"]]
+        assert isinstance(b["score"], float) and json.dumps(b)
+    assert on_gpu[0]["anomaly_map"]["size"] == cpu[0]["anomaly_map"]["size"]
 
 
 # ------------------------------------------------------------------------------------------------ OpenAPI
