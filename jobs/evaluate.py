@@ -18,7 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
+import torch  # noqa: E402
+
 from anomalymoe.models.artifact import load_artifact  # noqa: E402
+from anomalymoe.models.precision import device_of  # noqa: E402
 from anomalymoe.platform import registry  # noqa: E402
 from anomalymoe.platform.data import resolve_data  # noqa: E402
 from anomalymoe.platform.evaluation import evaluate, metrics_table  # noqa: E402
@@ -50,11 +53,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--panels", type=int, default=6, help="panels per category (one per defect type)")
     ap.add_argument("--loader", choices=("local", "ray"), default="local",
                     help="decode in this process, or in parallel Ray Data tasks (a local Ray or RAY_ADDRESS)")
+    ap.add_argument("--device", default="auto",
+                    help="auto (a GPU when there is one, else the CPU) | cpu | cuda | cuda:N; a GPU scores in bf16")
     ap.add_argument("--skip-bad-rows", action="store_true", help="drop unreadable/inconsistent rows instead of failing")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     t0 = time.perf_counter()
-    model = load_artifact(resolve_model(args.model))
+    try:
+        device = device_of(args.device)
+    except RuntimeError as e:
+        raise SystemExit(f"--device {args.device}: {e}") from None
+    model = load_artifact(resolve_model(args.model), device=device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     df, kept = resolve_data(args.data, domains=args.domain)
     try:  # a broken manifest is refused with every problem listed, unless told to skip bad rows
         df = ensure_valid(df, skip_bad_rows=args.skip_bad_rows, required_splits=(args.split,))

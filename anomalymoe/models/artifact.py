@@ -61,6 +61,8 @@ def save_artifact(model: AnomalyMoE, directory: str | Path, metrics: dict | None
 
 
 def load_artifact(directory: str | Path, device: str | torch.device = "cpu") -> AnomalyMoE:
+    """Load strictly onto `device` (weights are read on the CPU, then moved; CUDA gets the channels_last
+    global experts, AnomalyMoE.to_device)."""
     d = Path(directory)
     for name in ("model.safetensors", "config.json", "calibration.json"):
         if not (d / name).is_file():
@@ -99,7 +101,7 @@ def load_artifact(directory: str | Path, device: str | torch.device = "cpu") -> 
         )
     model.load_state_dict(state, strict=False)  # strictness checked above; the backbone comes from its URI
     model.calibration = calibration
-    return model.to(device).eval()
+    return model.to_device(device).eval()
 
 
 def read_metrics(directory: str | Path) -> dict | None:

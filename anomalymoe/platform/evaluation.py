@@ -140,7 +140,9 @@ def evaluate(model: AnomalyMoE, manifest: pd.DataFrame, *, batch_size: int = 8, 
     Float reductions depend on the number of intra-op threads (measured: pixel AUROC moves by ~1e-7 between 1 and
     2 threads), so scoring runs at `threads` (default: every CPU this process may use, whatever OMP_NUM_THREADS
     says, e.g. 1 inside a Ray job): the same artifact on the same machine gives the same report bit for bit,
-    whether scored in a training job's driver or by jobs/evaluate.py. The report records the thread count."""
+    whether scored in a training job's driver or by jobs/evaluate.py. The report records the thread count.
+    Batches go to the model's device (a GPU scores under bf16 autocast, as its calibration was fitted); the
+    report records the device."""
     threads = threads or len(os.sched_getaffinity(0))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -153,6 +155,7 @@ def evaluate(model: AnomalyMoE, manifest: pd.DataFrame, *, batch_size: int = 8, 
 
 def _evaluate(model: AnomalyMoE, manifest: pd.DataFrame, batch_size: int, out_dir, panels_per_category: int,
               kept: dict | None, progress: bool, loader: str) -> dict:
+    device = next(model.parameters()).device
     frame = Frame.for_backbone(model.cfg.backbone)
     out = Path(out_dir) if out_dir else None
     df = manifest.reset_index(drop=True).copy()
@@ -165,7 +168,8 @@ def _evaluate(model: AnomalyMoE, manifest: pd.DataFrame, batch_size: int, out_di
     routing_hist: dict[str, np.ndarray] = {}
     bar = tqdm(total=len(df), desc="evaluate", disable=not progress, dynamic_ncols=True)
     for chunk, images, masks in _decoded(df, frame, batch_size, kept, loader):
-        pred = model.predict(images, masks, chunk["cat_key"].tolist())
+        pred = model.predict(images.to(device), [m.to(device) if m is not None else None for m in masks],
+                             chunk["cat_key"].tolist())
         maps = pred.anomaly_map  # at scoring.map_size (default: the input size): ground truth is read at that size
         gt = _gt_masks(chunk, frame.scaled(maps.shape[-1]))
         sel = pred.routing.mask.cpu().numpy()
@@ -199,6 +203,7 @@ def _evaluate(model: AnomalyMoE, manifest: pd.DataFrame, batch_size: int, out_di
     bar.close()
     report = build_report(acc, routing_hist, model, len(df))
     report["torch_threads"] = torch.get_num_threads()
+    report["device"] = str(device)
     if out is not None:
         write_report(out, report, rows)
     return report

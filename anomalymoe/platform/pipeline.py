@@ -8,10 +8,15 @@ generator seeded by (seed, epoch): the same epoch is the same list of rows on ev
 
 from __future__ import annotations
 
+import functools
 import io
+import queue
+import threading
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -114,23 +119,76 @@ def decode_label_map(data: bytes, frame: int | Frame) -> np.ndarray:
         return np.asarray(Frame.of(frame).apply(im, Image.NEAREST))
 
 
-def load_rows(rows: pd.DataFrame, frame: int | Frame, kept: dict[str, list[int]] | None = None
+@functools.cache
+def _decode_pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="decode")
+
+
+def load_rows(rows: pd.DataFrame, frame: int | Frame, kept: dict[str, list[int]] | None = None, threads: int = 0
               ) -> tuple[Tensor, list[Tensor | None]]:
     """Decode a batch of manifest rows: images and, where the row has a component label map and its
     category a kept-cluster list, the component masks. `frame`: the model's input geometry (an int = a plain
-    resize to that size)."""
+    resize to that size). threads > 1 decodes the rows in a shared thread pool (Pillow releases the GIL while
+    it decodes and resizes), in row order: the same batch as one thread gives."""
     from .segmentation import component_masks
 
-    images, masks = [], []
-    for r in rows.itertuples(index=False):
-        images.append(decode_image(storage.read_bytes(r.uri), frame))
+    def one(r) -> tuple[Tensor, Tensor | None]:
+        image = decode_image(storage.read_bytes(r.uri), frame)
         cm = getattr(r, "component_mask_uri", None)
         key = f"{r.domain}/{r.category}" if kept else None
         if cm and isinstance(cm, str) and key in (kept or {}):
-            masks.append(component_masks(decode_label_map(storage.read_bytes(cm), frame), kept[key]))
-        else:
-            masks.append(None)
-    return torch.stack(images), masks
+            return image, component_masks(decode_label_map(storage.read_bytes(cm), frame), kept[key])
+        return image, None
+
+    items = list(rows.itertuples(index=False))
+    decoded = list(_decode_pool(threads).map(one, items)) if threads > 1 and len(items) > 1 else map(one, items)
+    images, masks = zip(*decoded, strict=True) if items else ((), ())
+    return torch.stack(list(images)), list(masks)
+
+
+T = TypeVar("T")
+_END = object()
+
+
+def prefetch(it: Iterator[T], depth: int = 2, pin: bool = False) -> Iterator[T]:
+    """Produce `it` in a background thread, up to `depth` items ahead, so decoding overlaps the training step.
+    pin: page-lock (images, masks) batches, so a `.to(cuda, non_blocking=True)` copy overlaps compute too.
+    An error in the producer is raised here, at the item where it happened."""
+    if depth <= 0:
+        yield from it
+        return
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for x in it:
+                if pin and isinstance(x, tuple) and x and isinstance(x[0], Tensor):
+                    x = (x[0].pin_memory(), *x[1:])
+                while not stop.is_set():
+                    try:
+                        q.put(x, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_END)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put(e)
+
+    t = threading.Thread(target=produce, name="prefetch", daemon=True)
+    t.start()
+    try:
+        while True:
+            x = q.get()
+            if x is _END:
+                return
+            if isinstance(x, BaseException):
+                raise x
+            yield x
+    finally:
+        stop.set()
 
 
 def category_batches(rows: pd.DataFrame, frame: int | Frame, kept: dict[str, list[int]] | None, batch_size: int = 8
@@ -144,18 +202,20 @@ def category_batches(rows: pd.DataFrame, frame: int | Frame, kept: dict[str, lis
 
 
 def local_epochs(df: pd.DataFrame, frame: int | Frame, batch_size: int, *, seed: int = 0, alpha: float = 0.0,
-                 kept: dict[str, list[int]] | None = None, epoch_size: int | None = None
-                 ) -> Iterator[Iterator[tuple[Tensor, list[Tensor | None]]]]:
-    """In-process pipeline: one iterator of (images, masks) batches per epoch, forever."""
+                 kept: dict[str, list[int]] | None = None, epoch_size: int | None = None, threads: int = 0,
+                 depth: int = 0, pin: bool = False) -> Iterator[Iterator[tuple[Tensor, list[Tensor | None]]]]:
+    """In-process pipeline: one iterator of (images, masks) batches per epoch, forever. threads: decode threads
+    per batch; depth: batches decoded ahead in the background (0: decode on demand, in the caller's thread).
+    One PNG at a time in the training process kept an H200 waiting (issue 12: < 107 img/s end to end)."""
     epoch = 0
     while True:
         idx = epoch_indices(df, epoch, seed=seed, alpha=alpha, size=epoch_size)
 
         def one_epoch(idx=idx):
             for start in range(0, len(idx) - batch_size + 1, batch_size):
-                yield load_rows(df.iloc[idx[start : start + batch_size]], frame, kept)
+                yield load_rows(df.iloc[idx[start : start + batch_size]], frame, kept, threads=threads)
 
-        yield one_epoch()
+        yield prefetch(one_epoch(), depth, pin)
         epoch += 1
 
 

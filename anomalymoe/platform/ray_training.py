@@ -32,7 +32,7 @@ from ..models.anomalymoe import AnomalyMoE
 from ..models.config import ModelConfig
 from . import storage
 from .checkpoint import load_training_state, load_weights, save_training_state
-from .pipeline import Frame, category_batches, load_rows, ray_rows, step_rows, to_batch
+from .pipeline import Frame, category_batches, load_rows, prefetch, ray_rows, step_rows, to_batch
 from .trainer import TrainConfig, Trainer, seed_everything
 
 log = logging.getLogger(__name__)
@@ -72,13 +72,14 @@ def _batches(cfg: LoopConfig, tcfg: TrainConfig, frame: Frame, start: int, rank:
         rows = step_rows(cfg.rows, step, tcfg.batch_size, seed=tcfg.seed, alpha=cfg.alpha, rank=rank, world=world,
                          stop=stop)
         if cfg.loader == "local":
-            for i in range(0, len(rows), local):
-                yield load_rows(rows.iloc[i : i + local], frame, cfg.kept)
+            # decode threads + two batches ahead: one PNG at a time kept a GPU waiting (issue 12)
+            yield from prefetch((load_rows(rows.iloc[i : i + local], frame, cfg.kept, threads=cfg.threads)
+                                 for i in range(0, len(rows), local)), depth=2)
         else:  # decode tasks take no CPU of their own: the training workers hold the CPUs they run on
             import ray.data
 
             ray.data.DataContext.get_current().enable_progress_bars = False  # job logs: our own progress lines
-            ds = ray_rows(rows, frame, read_concurrency=2, num_cpus=0)
+            ds = ray_rows(rows, frame, read_concurrency=max(2, cfg.threads), num_cpus=0)
             for b in ds.iter_batches(batch_size=local, batch_format="pandas", prefetch_batches=2, drop_last=False):
                 yield to_batch(b, cfg.kept)
         step = stop
@@ -471,11 +472,24 @@ def loop_config(spec: JobSpec, prep: Prepared, run_name: str, run_id: str | None
                       mlflow={"tracking_uri": registry.tracking_uri(), "run_id": run_id} if run_id else {})
 
 
+def finish_device(gpu: bool) -> torch.device:
+    """Where the driver calibrates and evaluates: its GPU when the job trains on GPUs and the driver has one (the
+    model is then calibrated in bf16, the precision it is served in on a GPU), else the CPU, said in the log."""
+    if gpu and torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+        return torch.device("cuda")
+    if gpu:
+        print("[calibrate] this driver has no GPU: calibration and evaluation run on its CPU (give the Ray head a GPU "
+              "to run them there)", flush=True)
+    return torch.device("cpu")
+
+
 def finish(prep: Prepared, model: AnomalyMoE, history: list[dict], run_id: str, run_name: str, out: Path, *,
-           steps: int, register: bool, extra_tags: dict[str, str] | None = None, t0: float | None = None
-           ) -> dict[str, Any]:
+           steps: int, register: bool, extra_tags: dict[str, str] | None = None, t0: float | None = None,
+           device: str | torch.device = "cpu") -> dict[str, Any]:
     """After training (driver): calibrate on the held-out normals, evaluate the test split, save the artifact, log
-    metrics and artifacts to the MLflow run, register a version per domain (alias challenger). Returns a summary."""
+    metrics and artifacts to the MLflow run, register a version per domain (alias challenger). Returns a summary.
+    Calibration and evaluation run on `device` (finish_device)."""
     from mlflow.entities import Metric
 
     from ..models.artifact import save_artifact
@@ -484,8 +498,15 @@ def finish(prep: Prepared, model: AnomalyMoE, history: list[dict], run_id: str, 
 
     c = registry.client()
     frame = Frame.for_backbone(model.cfg.backbone)
-    print(f"[calibrate] on {len(prep.held)} held-out normal images", flush=True)
-    model.fit_calibration(lambda: category_batches(prep.held, frame, prep.kept))
+    dev = torch.device(device)
+    model.to_device(dev)
+
+    def held_batches():
+        for images, masks, cats in category_batches(prep.held, frame, prep.kept):
+            yield images.to(dev), [m.to(dev) if m is not None else None for m in masks], cats
+
+    print(f"[calibrate] on {len(prep.held)} held-out normal images ({dev})", flush=True)
+    model.fit_calibration(held_batches)
     test = prep.df[prep.df["split"] == "test"]
     report = None
     if not test.empty:
@@ -621,7 +642,7 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
             raise RuntimeError(f"training failed: {result.error}")
         model, history = model_from_checkpoint(result.checkpoint, prep.model_cfg)
         summary = finish(prep, model, history, run_id, run_name, out, steps=spec.train.steps,
-                         register=spec.register, t0=t0)
+                         register=spec.register, t0=t0, device=finish_device(spec.gpu))
         _MLflowRetry(out, run_name)(lambda: c.set_terminated(run_id, "FINISHED"), "run status")
     except BaseException:
         try:

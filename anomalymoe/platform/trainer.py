@@ -148,11 +148,21 @@ class Trainer:
         return {**rec, "lr": lr, "time_forward": t1 - t0, "time_backward": t2 - t1, "time_optimizer": t3 - t2}
 
 
+def to_device(batch: tuple, device: torch.device) -> tuple:
+    """(images, masks, ...) with images and masks on `device` (non-blocking from pinned memory)."""
+    images, masks, *rest = batch
+    if images.device == device:
+        return batch
+    masks = None if masks is None else [m.to(device, non_blocking=True) if m is not None else None for m in masks]
+    return (images.to(device, non_blocking=True), masks, *rest)
+
+
 def fit(model: AnomalyMoE, batches: Callable[[], Iterator[tuple[Tensor, list | None]]], cfg: TrainConfig,
-        log_every: int = 10, progress: bool = True) -> list[dict[str, float]]:
-    """Train for cfg.steps, cycling over `batches()` (a fresh iterator per epoch)."""
+        log_every: int = 10, progress: bool = True, precision: str | None = None) -> list[dict[str, float]]:
+    """Train for cfg.steps, cycling over `batches()` (a fresh iterator per epoch), on the model's device."""
     seed_everything(cfg.seed)
-    trainer = Trainer(model, cfg)
+    device = next(model.parameters()).device
+    trainer = Trainer(model, cfg, precision=precision)
     history = []
     it = batches()
     bar = tqdm(total=cfg.steps, desc="train", disable=not progress, dynamic_ncols=True)
@@ -163,6 +173,7 @@ def fit(model: AnomalyMoE, batches: Callable[[], Iterator[tuple[Tensor, list | N
         except StopIteration:
             it = batches()
             continue
+        images, masks = to_device((images, masks), device)
         rec = trainer.step(images, masks)
         history.append(rec)
         bar.update(1)
@@ -175,9 +186,11 @@ def fit(model: AnomalyMoE, batches: Callable[[], Iterator[tuple[Tensor, list | N
 
 
 def train_and_calibrate(model: AnomalyMoE, train_rows, cfg: TrainConfig, *, holdout: float = 0.2,
-                        alpha: float = 0.0, kept: dict[str, list[int]] | None = None, progress: bool = True):
+                        alpha: float = 0.0, kept: dict[str, list[int]] | None = None, progress: bool = True,
+                        threads: int = 0, depth: int = 0):
     """Fit on the normal training rows of a manifest minus a held-out share per category, then fit the
-    calibration on that share (normal images never seen in training, never the test split).
+    calibration on that share (normal images never seen in training, never the test split), on the model's
+    device. threads / depth: decode threads and batches decoded ahead (pipeline.local_epochs); a GPU needs both.
     Returns (loss history, held-out rows)."""
     from .pipeline import Frame, category_batches, holdout_split, local_epochs  # local: keeps the step importable alone
 
@@ -187,9 +200,12 @@ def train_and_calibrate(model: AnomalyMoE, train_rows, cfg: TrainConfig, *, hold
     if train.empty:
         raise ValueError("no training images left after the calibration hold-out")
     bs = min(cfg.batch_size, len(train))
-    epochs = local_epochs(train, frame, bs, seed=cfg.seed, alpha=alpha, kept=kept)
+    device = next(model.parameters()).device
+    epochs = local_epochs(train, frame, bs, seed=cfg.seed, alpha=alpha, kept=kept, threads=threads, depth=depth,
+                          pin=device.type == "cuda")
     history = fit(model, lambda: next(epochs), cfg, progress=progress)
     if not held.empty:
         # a callable: streamed twice (slot statistics, then levels)
-        model.fit_calibration(lambda: category_batches(held, frame, kept, cfg.batch_size))
+        model.fit_calibration(lambda: (to_device(b, device) for b in category_batches(held, frame, kept,
+                                                                                       cfg.batch_size)))
     return history, held

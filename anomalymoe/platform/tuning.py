@@ -35,6 +35,7 @@ from .ray_training import (
     _flatten,
     connect_ray,
     finish,
+    finish_device,
     loop_config,
     model_from_checkpoint,
     prepare,
@@ -226,7 +227,7 @@ def run_tune(spec: JobSpec, *, trials: int, max_concurrent: int | None = None, g
         # the registered version's tags carry its config hash (from the trial's config) and its search values
         prep = dataclasses.replace(prep, tags={**prep.tags, "config_hash": model.cfg.config_hash()})
         summary = finish(prep, model, history, child.info.run_id, child.info.run_name, out, steps=steps,
-                         register=spec.register, t0=t0,
+                         register=spec.register, t0=t0, device=finish_device(spec.gpu),
                          extra_tags={"tune": name, "tune_parent_run": parent, "trial_id": str(best["trial_id"]),
                                      **{f"tune.{k}": str(v) for k, v in best_cfg.items()}})
         write_json(out / "best_config.json", {"search": best_cfg, "model": model_cfg, "train": train_cfg})

@@ -20,6 +20,7 @@ from anomalymoe.platform.pipeline import (
     holdout_split,
     load_rows,
     local_epochs,
+    prefetch,
     ray_epoch,
     ray_rows,
     step_rows,
@@ -155,6 +156,9 @@ def test_load_rows_images_and_component_masks(tmp_path):
     assert torch.equal(masks2[0][1], torch.from_numpy(np.kron(lab == 4, np.ones((2, 2), bool))))
     # no kept lists at all: no masks
     assert load_rows(rows.iloc[:1], s)[1] == [None]
+    # decoded in a thread pool: the same batch, in row order
+    images_t, masks_t = load_rows(rows, s, kept={"objects/cat": [1, 2, 3]}, threads=3)
+    assert torch.equal(images_t, images) and torch.equal(masks_t[0], m) and masks_t[1:] == [None, None]
 
 
 # ------------------------------------------------------------------------------------------ Frame (resize + crop)
@@ -228,6 +232,30 @@ def test_local_epochs_follow_epoch_indices(image_frame):
         assert got.shape == (8, 3, size, size)
         assert torch.equal(got, want)
         assert all(b[1] == [None] * bs for b in batches)
+
+
+def test_local_epochs_decoded_ahead_in_threads_give_the_same_batches(image_frame):
+    plain = list(next(local_epochs(image_frame, 14, 4, seed=3, epoch_size=12)))
+    ahead = list(next(local_epochs(image_frame, 14, 4, seed=3, epoch_size=12, threads=2, depth=2)))
+    assert len(plain) == len(ahead) == 3
+    for (a, _), (b, _) in zip(plain, ahead, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_prefetch_raises_the_producers_error_where_it_happened():
+    def items():
+        yield 1
+        yield 2
+        raise OSError("disk gone")
+
+    got = []
+    with pytest.raises(OSError, match="disk gone"):
+        for x in prefetch(items(), depth=2):
+            got.append(x)
+    assert got == [1, 2]
+    early = prefetch(iter(range(100)), depth=1)  # a consumer that stops early leaves no blocked producer
+    assert next(early) == 0
+    early.close()
 
 
 # ------------------------------------------------------------------------------------------ Ray Data
