@@ -96,6 +96,7 @@ class TrialBase:
     tracking_uri: str
     storage_uri: str
     tune_name: str
+    gpu: bool = False  # each trial's worker holds one GPU (NCCL, bf16 autocast)
 
 
 def run_trial(config: dict[str, Any], base: TrialBase) -> None:
@@ -104,7 +105,7 @@ def run_trial(config: dict[str, Any], base: TrialBase) -> None:
     from mlflow import MlflowClient
     from mlflow.entities import Param
     from ray import tune
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     ctx = tune.get_context()
@@ -120,7 +121,8 @@ def run_trial(config: dict[str, Any], base: TrialBase) -> None:
     path, fs = storage_config(base.storage_uri)
     trainer = TorchTrainer(
         train_loop, train_loop_config={"loop": loop},
-        scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+        torch_config=TorchConfig(backend="nccl" if base.gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=base.gpu, resources_per_worker={"CPU": 1}),
         run_config=ray.train.RunConfig(name=name, storage_path=path, storage_filesystem=fs,
                                        callbacks=[TuneReportCallback()]),
     )
@@ -160,14 +162,18 @@ def run_tune(spec: JobSpec, *, trials: int, max_concurrent: int | None = None, g
     import ray.train
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    max_concurrent = max(1, min(trials, max_concurrent or cpus))  # one CPU per trial's worker
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if spec.gpu else 0
+    if spec.gpu and not gpus:
+        raise RuntimeError("--gpu: this Ray cluster has no GPU")
+    # one CPU (and with --gpu one GPU) per trial's worker
+    max_concurrent = max(1, min(trials, max_concurrent or cpus, gpus or cpus))
     print(f"[tune] {name}: {trials} trials, at most {max_concurrent} at once, {steps} steps each, ASHA rungs every "
           f"{every} steps on {OBJECTIVE}; MLflow parent run {parent}", flush=True)
     tspec = dataclasses.replace(spec, val_every=every, log_every=every, checkpoint_every=every)
     base = TrialBase(loop=loop_config(tspec, prep, name, None, threads=1), model=prep.model_cfg,
                      train=spec.train.model_dump(mode="json"), experiment_id=exp, parent_run_id=parent,
                      tracking_uri=registry.tracking_uri(), storage_uri=f"{spec.storage.rstrip('/')}/{name}-trials",
-                     tune_name=name)
+                     tune_name=name, gpu=spec.gpu)
     try:
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch

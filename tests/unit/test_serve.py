@@ -296,7 +296,6 @@ def test_score_batch_answers_each_item_and_isolates_bad_ones(loaded):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_score_batch_on_cuda_matches_the_cpu(loaded):
     from anomalymoe.serve.inference import Loaded, score_batch
 
