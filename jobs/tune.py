@@ -3,10 +3,12 @@ loop, ASHA stops weak trials at validation rungs, Optuna TPE proposes configs; t
 held-out normal images plus synthetic defects (never the test split). MLflow gets a parent run with one child run
 per trial; the best finished trial's model is calibrated, evaluated and registered (alias challenger).
 
-    python jobs/tune.py                                   # demo data, cpu-small, 4 trials
-    python jobs/tune.py --config configs/x.yaml --data mvtec=s3://bucket/mvtec --trials 32 --steps 2000
+    python jobs/tune.py                                   # demo data, configs/cpu-small.yaml, 4 trials
+    python jobs/tune.py --config configs/cpu-small.yaml --data mvtec=s3://bucket/mvtec --trials 32 --steps 2000
 
-Takes the same --config / --data / --steps / --storage / --experiment flags as jobs/train.py."""
+--config / --preset, --data, --steps, --lr, --weights, --storage, --experiment ... mean what they mean to
+jobs/train.py (one implementation: anomalymoe.platform.job_config); each trial trains on 1 worker (one GPU with
+--gpu, or where the config's job section says gpu: true)."""
 
 from __future__ import annotations
 
@@ -18,20 +20,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
-from train import USER_ERRORS, build_spec  # noqa: E402  (jobs/train.py: the same flags mean the same here)
-
+from anomalymoe.platform.job_config import (  # noqa: E402
+    USER_ERRORS,
+    add_config_arguments,
+    build_spec,
+    config_ref,
+    flags_from_args,
+)
 from anomalymoe.platform.tuning import run_tune  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="YAML with preset / model / train / job sections (as jobs/train.py)")
-    ap.add_argument("--data", action="append", help="as jobs/train.py (default: demo)")
+    add_config_arguments(ap)  # --steps: steps per trial (the ASHA maximum); --lr: the base the search draws around
+    ap.add_argument("--data", action="append", help="as jobs/train.py (default: the config's, the demo data)")
     ap.add_argument("--domain", dest="domains", action="append")
-    ap.add_argument("--steps", type=int, help="steps per trial (the ASHA maximum)")
-    ap.add_argument("--batch-size", type=int)
-    ap.add_argument("--lr", type=float, help="base learning rate (the search draws its own)")
-    ap.add_argument("--seed", type=int)
+    ap.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
+                    help="one GPU per trial (default: the config's)")
     ap.add_argument("--trials", type=int, default=4, help="number of trials (default 4)")
     ap.add_argument("--max-concurrent", type=int, help="trials at once (default: one per cluster CPU/GPU)")
     ap.add_argument("--rung", type=int, help="steps between validations = ASHA rungs (default steps/4)")
@@ -44,12 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--holdout", type=float)
     ap.add_argument("--no-register", action="store_true")
     args = ap.parse_args(argv)
-    for flag in ("backbone", "weights", "workers", "gpu", "checkpoint_every", "val_every", "log_every", "alpha",
-                 "max_failures"):
-        setattr(args, flag, None)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    spec = build_spec(args)
     try:
+        spec = build_spec(config_ref(args), flags_from_args(args))
         summary = run_tune(spec, trials=args.trials, max_concurrent=args.max_concurrent, grace=args.rung,
                            seed=spec.train.seed)
     except USER_ERRORS as e:

@@ -90,12 +90,18 @@ class ClusterConfig(_Strict):
     gpu_tolerations: list[Toleration] = Field(default_factory=lambda: [Toleration()],
                                               description="tolerations of GPU pods")
     train_args: list[str] = Field(default_factory=lambda: [
-        "--data", "s3://datasets/catalog.yaml", "--steps", "10000", "--storage", "s3://runs/checkpoints",
-        "--name", "anomalymoe-main"], description="jobs/train.py arguments but --workers/--gpu (derived from the "
-                                                  "worker group: one Train worker per pod, or per GPU)")
+        "--data", "s3://datasets/catalog.yaml", "--storage", "s3://runs/checkpoints"],
+        description="jobs/train.py arguments of both train RayJobs but --workers/--gpu (derived from the worker "
+                    "group: one Train worker per pod, or per GPU)")
+    train_cpu_args: list[str] = Field(default_factory=lambda: ["--steps", "10000", "--name", "anomalymoe-main"],
+                                      description="added to train_args in rayjob-train.yaml (config cpu-small)")
+    train_gpu_args: list[str] = Field(default_factory=lambda: ["--config", "reference", "--name", "anomalymoe-gpu"],
+                                      description="added to train_args in rayjob-train-gpu.yaml: the reference "
+                                                  "recipe (configs/reference.yaml), its own run name")
     tune_args: list[str] = Field(default_factory=lambda: [
         "--data", "s3://datasets/catalog.yaml", "--trials", "16", "--steps", "2000", "--storage", "s3://runs/tune"])
-    tune_gpu_args: list[str] = Field(default_factory=list, description="added to tune_args in rayjob-tune-gpu.yaml")
+    tune_gpu_args: list[str] = Field(default_factory=lambda: ["--config", "reference", "--gpu"],
+                                     description="added to tune_args in rayjob-tune-gpu.yaml (one GPU per trial)")
     serve_config: str = Field("infra/serve/cluster.yaml", description="ServeConfig YAML, relative to the repo root")
     serve_config_gpu: str = Field("infra/serve/cluster-gpu.yaml",
                                   description="ServeConfig YAML of the GPU RayServices (every scorer_gpus > 0)")
@@ -107,7 +113,8 @@ class ClusterConfig(_Strict):
                 raise ValueError(f"{cpu} is the CPU group: put GPUs in {gpu}")
             if not getattr(self, gpu).pods.gpu:
                 raise ValueError(f"{gpu}.pods.gpu must be >= 1")
-        derived = sorted({a.split("=")[0] for a in self.train_args} & set(DERIVED_TRAIN_ARGS))
+        derived = sorted({a.split("=")[0] for a in (*self.train_args, *self.train_cpu_args, *self.train_gpu_args)}
+                         & set(DERIVED_TRAIN_ARGS))
         if derived:
             raise ValueError(f"train_args must not set {derived}: each RayJob derives them from its worker group")
         return self
@@ -199,9 +206,11 @@ def render_all(cfg: ClusterConfig, serve: ServeConfig, serve_gpu: ServeConfig | 
         "secret.yaml": {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": _meta(cfg, SECRET),
                         "stringData": {"AWS_ACCESS_KEY_ID": "REPLACE_ME", "AWS_SECRET_ACCESS_KEY": "REPLACE_ME"}},
         "rayjob-train.yaml": _rayjob(cfg, "anomalymoe-train", "jobs/train.py",
-                                     [*cfg.train_args, *train_workers(cfg.workers)], cfg.workers),
+                                     [*cfg.train_args, *cfg.train_cpu_args, *train_workers(cfg.workers)],
+                                     cfg.workers),
         "rayjob-train-gpu.yaml": _rayjob(cfg, "anomalymoe-train-gpu", "jobs/train.py",
-                                         [*cfg.train_args, *train_workers(cfg.gpu_workers)], cfg.gpu_workers),
+                                         [*cfg.train_args, *cfg.train_gpu_args, *train_workers(cfg.gpu_workers)],
+                                         cfg.gpu_workers),
         "rayjob-tune.yaml": _rayjob(cfg, "anomalymoe-tune", "jobs/tune.py", cfg.tune_args, cfg.workers),
         "rayjob-tune-gpu.yaml": _rayjob(cfg, "anomalymoe-tune-gpu", "jobs/tune.py",
                                         [*cfg.tune_args, *cfg.tune_gpu_args], cfg.gpu_workers),
