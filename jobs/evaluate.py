@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 import torch  # noqa: E402
 
 from anomalymoe.models.artifact import load_artifact  # noqa: E402
-from anomalymoe.models.precision import device_of  # noqa: E402
+from anomalymoe.models.precision import describe, device_of  # noqa: E402
 from anomalymoe.platform import registry  # noqa: E402
 from anomalymoe.platform.data import resolve_data  # noqa: E402
 from anomalymoe.platform.evaluation import evaluate, metrics_table  # noqa: E402
@@ -63,7 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         device = device_of(args.device)
     except RuntimeError as e:
         raise SystemExit(f"--device {args.device}: {e}") from None
-    model = load_artifact(resolve_model(args.model), device=device)
+    path = resolve_model(args.model)
+    model = load_artifact(path, device=device)
+    calibrated = json.loads((path / "config.json").read_text()).get("calibrated_on")
+    if calibrated and calibrated != describe(device, model.inference_precision):
+        print(f"note: this model was calibrated on {calibrated}, it is scored here on "
+              f"{describe(device, model.inference_precision)}: scores may differ from its registered report in "
+              f"the last digits (--device {calibrated.split('/')[0]} reproduces them)", flush=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     df, kept = resolve_data(args.data, domains=args.domain)

@@ -42,3 +42,9 @@ def autocast(device: str | torch.device, dtype: str | torch.dtype | None = None)
 def fp32(device: str | torch.device) -> contextlib.AbstractContextManager:
     """Autocast off: the code inside computes in the dtypes it is given (cast to float32 first)."""
     return torch.autocast(torch.device(device).type, enabled=False)
+
+
+def describe(device: str | torch.device, precision: str | None = None) -> str:
+    """"cuda/bf16", "cpu/fp32": where and in what precision a model scored (recorded with its calibration)."""
+    dev = torch.device(device)
+    return f"{dev.type}/{precision or ('bf16' if dev.type == 'cuda' else 'fp32')}"

@@ -30,6 +30,7 @@ import torch
 
 from ..models.anomalymoe import AnomalyMoE
 from ..models.config import ModelConfig
+from ..models.precision import describe
 from . import storage
 from .checkpoint import load_training_state, load_weights, save_training_state
 from .pipeline import Frame, category_batches, load_rows, prefetch, ray_rows, step_rows, to_batch
@@ -513,7 +514,10 @@ def finish(prep: Prepared, model: AnomalyMoE, history: list[dict], run_id: str, 
         print(f"[evaluate] {len(test)} test images", flush=True)
         report = evaluate(model, test, out_dir=out / "eval", kept=prep.kept, progress=False)
         print(metrics_table(report), flush=True)
-    save_artifact(model, out / "model", metrics=report)
+    # the device and precision the calibration was fitted in: scoring elsewhere (jobs/evaluate.py, a GPU scorer)
+    # says so when it differs
+    save_artifact(model, out / "model", metrics=report,
+                  extra={"calibrated_on": describe(dev, model.inference_precision)})
     write_json(out / HISTORY, history)
     final = {k: float(v) for k, v in (history[-1] if history else {}).items() if isinstance(v, int | float)}
     if report is not None:
