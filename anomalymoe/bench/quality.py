@@ -22,8 +22,8 @@ import torch
 from ..models.anomalymoe import AnomalyMoE
 from ..models.config import LEVELS, presets
 from ..models.precision import device_of
-from ..platform.pipeline import Frame, category_batches, local_epochs
-from ..platform.trainer import TrainConfig, Trainer, seed_everything, to_device
+from ..platform.pipeline import Frame, category_batches, local_epochs, to_device
+from ..platform.trainer import TrainConfig, fit, seed_everything
 
 
 def level_aurocs(scores_csv: Path) -> dict[str, dict[str, float]]:
@@ -70,37 +70,20 @@ def bench_quality(args) -> dict:
     frame = Frame.for_backbone(model_cfg.backbone)
     epochs = local_epochs(prep.train, frame, args.batch_size, seed=args.seed, kept=prep.kept, threads=args.threads,
                           depth=4, pin=device.type == "cuda")
-    trainer = Trainer(model, tcfg)
-    budget = args.minutes * 60 if not args.steps else None
-    it, t0, probe, history = next(epochs), time.perf_counter(), 20, []
-    while trainer.step_num < trainer.cfg.steps:
-        try:
-            batch = next(it)
-        except StopIteration:
-            it = next(epochs)
-            continue
-        images, masks = to_device(batch, device)
-        history.append(trainer.step(images, masks))
-        if budget and trainer.step_num == probe:  # the end-to-end rate so far sets the schedule's length
-            rate = probe / (time.perf_counter() - t0)
-            trainer.cfg.steps = max(probe + 1, int(rate * budget))
-            print(f"[quality] {rate * args.batch_size:.0f} img/s end to end: {trainer.cfg.steps} steps fit "
-                  f"{args.minutes} min", flush=True)
-        if trainer.step_num % 100 == 0:
-            print(f"[quality] step {trainer.step_num}/{trainer.cfg.steps} loss {history[-1]['loss']:.4f} "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    t0 = time.perf_counter()
+    history = fit(model, lambda: next(epochs), tcfg, log_every=50,
+                  budget_s=args.minutes * 60 if not args.steps else None)  # the library loop, budget included
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t0
-    steps = trainer.step_num
+    steps = len(history)
     model.fit_calibration(lambda: (to_device(b, device) for b in category_batches(prep.held, frame, prep.kept)))
     test = prep.df[prep.df["split"] == "test"]
-    out = Path(args.out) if args.out else None
+    eval_dir = (Path(args.out) if args.out else Path("outputs/quality")) / "eval"
     t_eval = time.perf_counter()
-    rep = evaluate(model, test, out_dir=out / "eval" if out else Path("outputs/quality/eval"), kept=prep.kept,
-                   batch_size=args.batch_size, progress=False)
+    rep = evaluate(model, test, out_dir=eval_dir, kept=prep.kept, batch_size=args.batch_size, progress=False)
     eval_s = time.perf_counter() - t_eval
-    levels = level_aurocs((out / "eval" if out else Path("outputs/quality/eval")) / "scores.csv")
+    levels = level_aurocs(eval_dir / "scores.csv")
     dom = rep["domains"]
     res = {
         "benchmark": "quality",

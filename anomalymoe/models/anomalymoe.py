@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .backbone import Backbone, BackboneFeatures
 from .config import LEVELS, ModelConfig
-from .experts.component import ComponentExpert, component_features
+from .experts.component import ComponentExpert, component_features, stack_masks
 from .experts.global_expert import GlobalExpert
 from .experts.patch import PatchExpert
 from .losses import (
@@ -376,19 +376,13 @@ class AnomalyMoE(nn.Module):
         # Component level: score per component painted into its mask, max over components. A missing part
         # has no pixels of its own: its score covers the whole image (the absence is the anomaly).
         comp_map = torch.zeros(b, size, size, device=dev)
-        counted = [(bi, m) for bi, m in enumerate(out.masks) if m is not None and m.shape[0] > 0]
+        counted = [m for m in out.masks if m is not None and m.shape[0] > 0]
         if out.comp_feats.shape[0] and counted:
             s, used = self.component_scores(out)
             valid = out.comp_valid
             if slot_norm is not None:
                 s = self._normalize_slots(s, valid, slot_norm).clamp_min(0)
-            shapes = {tuple(m.shape[1:]) for _, m in counted}
-            if len(shapes) == 1:
-                mk = F.interpolate(torch.cat([m for _, m in counted])[:, None].float(), size=(size, size),
-                                   mode="nearest")[:, 0]
-            else:
-                mk = torch.cat([F.interpolate(m[:, None].float(), size=(size, size), mode="nearest")[:, 0]
-                                for _, m in counted])
+            mk = stack_masks(counted, lambda x: F.interpolate(x, size=(size, size), mode="nearest"))
             mk = torch.where(valid[:, None, None], mk, torch.ones_like(mk))
             painted = (s * used.float())[:, None, None] * mk  # [K, size, size], >= 0
             owner = out.comp_owner
@@ -443,7 +437,7 @@ class AnomalyMoE(nn.Module):
             normalized = torch.tensor(
                 [n.normalize(float(s)) if n else math.nan for n, s in zip(norms, score, strict=True)])
             threshold = torch.tensor([n.threshold if n else math.nan for n in norms])
-            comp_scores = self.component_scores(out)[0] if out.comp_feats.shape[0] else out.comp_feats.new_zeros(0)
+            comp_scores = self.component_scores(out)[0]
             if slot_norm is not None:
                 comp_scores = self._normalize_slots(comp_scores, out.comp_valid, slot_norm)
             return Prediction(score.cpu(), normalized, threshold, fused.cpu(), {k: v.cpu() for k, v in raw.items()},

@@ -27,12 +27,16 @@ def device_of(device: str | torch.device | None = None) -> torch.device:
     return dev
 
 
+def default_precision(device: str | torch.device) -> str:
+    """The device's rule: bf16 on CUDA, fp32 on a CPU."""
+    return "bf16" if torch.device(device).type == "cuda" else "fp32"
+
+
 def autocast(device: str | torch.device, dtype: str | torch.dtype | None = None) -> contextlib.AbstractContextManager:
     """The mixed-precision context of `device`: bf16 autocast on CUDA (unless dtype says fp32), nothing on a CPU
     unless a dtype is asked for explicitly (tests emulate CUDA's promotion on CPUs that way)."""
     dev = torch.device(device)
-    if dtype is None:
-        dtype = "bf16" if dev.type == "cuda" else "fp32"
+    dtype = dtype or default_precision(dev)
     dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if dt == torch.float32:
         return contextlib.nullcontext()
@@ -46,5 +50,4 @@ def fp32(device: str | torch.device) -> contextlib.AbstractContextManager:
 
 def describe(device: str | torch.device, precision: str | None = None) -> str:
     """"cuda/bf16", "cpu/fp32": where and in what precision a model scored (recorded with its calibration)."""
-    dev = torch.device(device)
-    return f"{dev.type}/{precision or ('bf16' if dev.type == 'cuda' else 'fp32')}"
+    return f"{torch.device(device).type}/{precision or default_precision(device)}"

@@ -24,7 +24,7 @@ from ..models.config import LEVELS  # noqa: E402
 from ..models.scoring import LevelNorm  # noqa: E402
 from . import storage  # noqa: E402
 from .metrics import AnomalyMetrics  # noqa: E402
-from .pipeline import Frame, decode_label_map, load_rows, ray_rows, to_batch  # noqa: E402
+from .pipeline import Frame, decode_label_map, load_rows, ray_rows, to_batch, to_device  # noqa: E402
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "f1_max", "pixel_f1_max")
 
@@ -168,8 +168,7 @@ def _evaluate(model: AnomalyMoE, manifest: pd.DataFrame, batch_size: int, out_di
     routing_hist: dict[str, np.ndarray] = {}
     bar = tqdm(total=len(df), desc="evaluate", disable=not progress, dynamic_ncols=True)
     for chunk, images, masks in _decoded(df, frame, batch_size, kept, loader):
-        pred = model.predict(images.to(device), [m.to(device) if m is not None else None for m in masks],
-                             chunk["cat_key"].tolist())
+        pred = model.predict(*to_device((images, masks), device), chunk["cat_key"].tolist())
         maps = pred.anomaly_map  # at scoring.map_size (default: the input size): ground truth is read at that size
         gt = _gt_masks(chunk, frame.scaled(maps.shape[-1]))
         sel = pred.routing.mask.cpu().numpy()

@@ -191,6 +191,14 @@ def prefetch(it: Iterator[T], depth: int = 2, pin: bool = False) -> Iterator[T]:
         stop.set()
 
 
+def to_device(batch: tuple, device: str | torch.device) -> tuple:
+    """(images, masks, ...) with the images and every component mask on `device` (non-blocking from pinned
+    memory); the rest of the tuple (e.g. category keys) as it is."""
+    images, masks, *rest = batch
+    masks = masks and [m.to(device, non_blocking=True) if m is not None else None for m in masks]
+    return (images.to(device, non_blocking=True), masks, *rest)
+
+
 def category_batches(rows: pd.DataFrame, frame: int | Frame, kept: dict[str, list[int]] | None, batch_size: int = 8
                      ) -> Iterator[tuple[Tensor, list[Tensor | None], list[str]]]:
     """(images, masks, "domain/category" keys) in row order: what calibration and validation consume (keyed by

@@ -33,7 +33,7 @@ from ..models.config import ModelConfig
 from ..models.precision import describe
 from . import storage
 from .checkpoint import load_training_state, load_weights, save_training_state
-from .pipeline import Frame, category_batches, load_rows, prefetch, ray_rows, step_rows, to_batch
+from .pipeline import Frame, category_batches, load_rows, prefetch, ray_rows, step_rows, to_batch, to_device
 from .trainer import TrainConfig, Trainer, seed_everything
 
 log = logging.getLogger(__name__)
@@ -210,8 +210,7 @@ def train_loop(config: dict[str, Any]) -> None:
             _reseed(trainer, tcfg.seed, rank, trainer.step_num)
         images, masks = next(it)
         times["data"] += time.perf_counter() - t_data
-        images = images.to(device, non_blocking=True)
-        masks = [m.to(device) if m is not None else None for m in masks]
+        images, masks = to_device((images, masks), device)
         rec = trainer.step(images, masks)
         for k in ("forward", "backward", "optimizer"):
             times[k] += rec[f"time_{k}"]
@@ -502,12 +501,8 @@ def finish(prep: Prepared, model: AnomalyMoE, history: list[dict], run_id: str, 
     dev = torch.device(device)
     model.to_device(dev)
 
-    def held_batches():
-        for images, masks, cats in category_batches(prep.held, frame, prep.kept):
-            yield images.to(dev), [m.to(dev) if m is not None else None for m in masks], cats
-
     print(f"[calibrate] on {len(prep.held)} held-out normal images ({dev})", flush=True)
-    model.fit_calibration(held_batches)
+    model.fit_calibration(lambda: (to_device(b, dev) for b in category_batches(prep.held, frame, prep.kept)))
     test = prep.df[prep.df["split"] == "test"]
     report = None
     if not test.empty:

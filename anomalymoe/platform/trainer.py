@@ -148,18 +148,13 @@ class Trainer:
         return {**rec, "lr": lr, "time_forward": t1 - t0, "time_backward": t2 - t1, "time_optimizer": t3 - t2}
 
 
-def to_device(batch: tuple, device: torch.device) -> tuple:
-    """(images, masks, ...) with images and masks on `device` (non-blocking from pinned memory)."""
-    images, masks, *rest = batch
-    if images.device == device:
-        return batch
-    masks = None if masks is None else [m.to(device, non_blocking=True) if m is not None else None for m in masks]
-    return (images.to(device, non_blocking=True), masks, *rest)
-
-
 def fit(model: AnomalyMoE, batches: Callable[[], Iterator[tuple[Tensor, list | None]]], cfg: TrainConfig,
-        log_every: int = 10, progress: bool = True, precision: str | None = None) -> list[dict[str, float]]:
-    """Train for cfg.steps, cycling over `batches()` (a fresh iterator per epoch), on the model's device."""
+        log_every: int = 10, progress: bool = True, precision: str | None = None, budget_s: float | None = None,
+        probe: int = 20) -> list[dict[str, float]]:
+    """Train for cfg.steps, cycling over `batches()` (a fresh iterator per epoch), on the model's device.
+    budget_s: train for about that long instead: the first `probe` steps measure the end-to-end rate (data loading
+    included), and the run's length (and with it the cosine schedule) becomes the steps that fit the budget."""
+    from .pipeline import to_device  # local: keeps the step importable alone
     seed_everything(cfg.seed)
     device = next(model.parameters()).device
     trainer = Trainer(model, cfg, precision=precision)
@@ -167,7 +162,7 @@ def fit(model: AnomalyMoE, batches: Callable[[], Iterator[tuple[Tensor, list | N
     it = batches()
     bar = tqdm(total=cfg.steps, desc="train", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
-    while trainer.step_num < cfg.steps:
+    while trainer.step_num < trainer.cfg.steps:
         try:
             images, masks = next(it)
         except StopIteration:
@@ -177,7 +172,13 @@ def fit(model: AnomalyMoE, batches: Callable[[], Iterator[tuple[Tensor, list | N
         rec = trainer.step(images, masks)
         history.append(rec)
         bar.update(1)
-        if trainer.step_num % log_every == 0 or trainer.step_num == cfg.steps:
+        if budget_s and trainer.step_num == probe:
+            rate = probe / (time.perf_counter() - start)
+            trainer.cfg = cfg.model_copy(update={"steps": max(probe + 1, int(rate * budget_s))})
+            bar.total = trainer.cfg.steps
+            log.info("%.1f img/s end to end: %d steps fit the %.0f s budget", rate * images.shape[0],
+                     trainer.cfg.steps, budget_s)
+        if trainer.step_num % log_every == 0 or trainer.step_num == trainer.cfg.steps:
             ips = trainer.step_num * images.shape[0] / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{rec['loss']:.4f}", patch=f"{rec['patch']:.3f}", glob=f"{rec['global']:.3f}",
                             img_s=f"{ips:.1f}")
@@ -192,7 +193,7 @@ def train_and_calibrate(model: AnomalyMoE, train_rows, cfg: TrainConfig, *, hold
     calibration on that share (normal images never seen in training, never the test split), on the model's
     device. threads / depth: decode threads and batches decoded ahead (pipeline.local_epochs); a GPU needs both.
     Returns (loss history, held-out rows)."""
-    from .pipeline import Frame, category_batches, holdout_split, local_epochs  # local: keeps the step importable alone
+    from .pipeline import Frame, category_batches, holdout_split, local_epochs, to_device  # local: see fit
 
     frame = Frame.for_backbone(model.cfg.backbone)
     normal = train_rows[(train_rows["split"] == "train") & (train_rows["label"] == 0)]

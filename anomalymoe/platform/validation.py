@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..models.anomalymoe import AnomalyMoE
 from .metrics import AnomalyMetrics
+from .pipeline import to_device
 
 Batch = tuple[Tensor, list, list[str]]
 
@@ -71,8 +72,7 @@ def validate(model: AnomalyMoE, batches: Iterable[Batch] | Callable[[], Iterable
     device = next(model.parameters()).device
 
     def on_device(batches: list[Batch]) -> list[Batch]:
-        return [(images.to(device), [m.to(device) if m is not None else None for m in masks] if masks else masks,
-                 cats) for images, masks, cats in batches]
+        return [to_device(b, device) for b in batches]
 
     try:
         model.fit_calibration(on_device(calib))

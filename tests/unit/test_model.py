@@ -408,3 +408,18 @@ def test_component_init_choice_changes_nothing_else(tiny_cfg):
     w_py = nets["pytorch"].component_experts[0].encoder[0].weight
     w_ref = nets["reference"].component_experts[0].encoder[0].weight
     assert w_ref.abs().max() <= 0.03 and w_py.std() > 3 * w_ref.std()
+
+
+def test_fit_within_a_time_budget_sets_the_run_length_after_its_probe(tiny_cfg):
+    """fit(budget_s=): the probe steps measure the rate, then the run (and its schedule) is cut to what fits; a
+    budget too small for more gives probe + 1 steps."""
+    from anomalymoe.platform.trainer import fit
+
+    torch.manual_seed(0)
+    model = AnomalyMoE(tiny_cfg)
+    images = torch.rand(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(steps=10**6, batch_size=2, warmup_steps=1)
+    history = fit(model, lambda: iter([(images, None)] * 4), cfg, progress=False, budget_s=1e-9, probe=3)
+    assert len(history) == 4
+    assert history[-1]["lr"] < history[1]["lr"]  # the schedule spans the 4 steps, not a million
+    assert cfg.steps == 10**6  # the caller's config is not changed

@@ -7,6 +7,8 @@ never trained on)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -33,6 +35,14 @@ class ComponentExpert(nn.Module):
         return self.decoder(self.encoder(feats))
 
 
+def stack_masks(masks: list[Tensor], resize: Callable[[Tensor], Tensor]) -> Tensor:
+    """[sum K, h, w] float32: `resize` ([K, 1, H, W] -> [K, 1, h, w]) applied to every image's masks, in one call
+    when all share a shape (they do when they come from one loader), else per image."""
+    if len({tuple(m.shape[1:]) for m in masks}) == 1:
+        return resize(torch.cat(masks)[:, None].float())[:, 0]
+    return torch.cat([resize(m[:, None].float()) for m in masks])[:, 0]
+
+
 def component_features(feature_map: Tensor, masks: list[Tensor | None], dilation: int
                        ) -> tuple[Tensor, Tensor, Tensor]:
     """Mean feature inside each (dilated) component mask, in float32.
@@ -57,11 +67,7 @@ def component_features(feature_map: Tensor, masks: list[Tensor | None], dilation
     with fp32(dev):
         # Coverage of each token (area pooling; the reference samples the nearest pixel, which loses a small part
         # that falls between token centres and then reads it as missing). Masks of one shape pool in one call.
-        shapes = {tuple(m.shape[1:]) for _, m in present}
-        if len(shapes) == 1:
-            pooled = F.adaptive_avg_pool2d(torch.cat([m for _, m in present])[:, None].float(), (h, w))
-        else:
-            pooled = torch.cat([F.adaptive_avg_pool2d(m[:, None].float(), (h, w)) for _, m in present])
+        pooled = stack_masks([m for _, m in present], lambda x: F.adaptive_avg_pool2d(x, (h, w)))[:, None]
         if dilation > 1:
             pooled = F.max_pool2d(pooled, dilation, stride=1, padding=(dilation - 1) // 2)
         pooled = pooled[:, 0].flatten(1)  # [K, h*w]
