@@ -163,10 +163,10 @@ def run_tune(spec: JobSpec, *, trials: int, max_concurrent: int | None = None, g
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
     gpus = int(ray.cluster_resources().get("GPU", 0)) if spec.gpu else 0
-    if spec.gpu and not gpus:
-        raise RuntimeError("--gpu: this Ray cluster has no GPU")
+    if spec.gpu and not gpus:  # GPU workers may still be joining (a RayJob starts with its head): wait, said once
+        print("[tune] --gpu: no GPU in this Ray cluster yet; trials wait until GPU workers join", flush=True)
     # one CPU (and with --gpu one GPU) per trial's worker
-    max_concurrent = max(1, min(trials, max_concurrent or cpus, gpus or cpus))
+    max_concurrent = max(1, min(trials, max_concurrent or cpus, max(gpus, 1) if spec.gpu else cpus))
     print(f"[tune] {name}: {trials} trials, at most {max_concurrent} at once, {steps} steps each, ASHA rungs every "
           f"{every} steps on {OBJECTIVE}; MLflow parent run {parent}", flush=True)
     tspec = dataclasses.replace(spec, val_every=every, log_every=every, checkpoint_every=every)
