@@ -40,10 +40,10 @@ def bench_ablation(args) -> dict:
     from anomalymoe.models.artifact import save_artifact
     from anomalymoe.platform.data import resolve_data
     from anomalymoe.platform.evaluation import evaluate
-    from anomalymoe.platform.segmentation import SegmentParams, segment_manifest
+    from anomalymoe.platform.segmentation import SegmentParams, prepare_parts
     from anomalymoe.platform.trainer import seed_everything, train_and_calibrate
 
-    df, kept = resolve_data("demo", demo_root=args.data_root, domains=["objects"], seed=args.seed)
+    df, _ = resolve_data("demo", demo_root=args.data_root, domains=["objects"], seed=args.seed)
     base = presets()[args.preset].model_copy(deep=True)
     variants = {"full": base}
     patch_only = base.model_copy(deep=True)
@@ -55,16 +55,15 @@ def bench_ablation(args) -> dict:
             continue
         seed_everything(args.seed)
         model = AnomalyMoE(cfg.model_copy(deep=True))
-        if name == "full":
-            seg, kept = segment_manifest(model.backbone, df, params=SegmentParams(k=args.k, seed=args.seed))
-            df = seg
+        if name == "full":  # part masks from the model's own backbone pass, as the training job prepares them
+            model.parts = prepare_parts(model.backbone, df, SegmentParams(k=args.k, seed=args.seed))
         tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                            warmup_steps=max(1, args.steps // 10), seed=args.seed)
         t = time.perf_counter()
-        train_and_calibrate(model, df[df["split"] == "train"], tcfg, kept=kept if name == "full" else None)
+        train_and_calibrate(model, df[df["split"] == "train"], tcfg)
         train_s = time.perf_counter() - t
         rep = evaluate(model, df[df["split"] == "test"], batch_size=args.batch_size,
-                       kept=kept if name == "full" else None, out_dir=args.out / name if args.out else None)
+                       out_dir=args.out / name if args.out else None)
         if args.out:
             save_artifact(model, args.out / name / "model", metrics=rep["mean"])
             results[name + "_levels"] = level_aurocs(args.out / name / "scores.csv")

@@ -212,8 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         stage(2, f"train: reusing run {spec.name} (versions {summary['versions']}); delete {out / 'train'} to "
                  "train again")
     else:
-        stage(2, f"train on a local Ray (Ray Train, run {spec.name}: {spec.train.steps} steps), segment the objects' "
-                 "parts, calibrate on held-out normals, evaluate the test split, log to MLflow, register (challenger)")
+        stage(2, f"train on a local Ray (Ray Train, run {spec.name}: {spec.train.steps} steps) with each category's "
+                 "part segmentation inside the model, calibrate on held-out normals, evaluate the test split, log to "
+                 "MLflow, register (challenger)")
         summary = run_job(spec)
     report = json.loads((out / "train" / "eval" / "report.json").read_text())
 

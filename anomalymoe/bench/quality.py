@@ -66,7 +66,9 @@ def bench_quality(args) -> dict:
     prep = prepare(spec)  # demo data + segmentation + hold-out, exactly as the training job
     prep_s = time.perf_counter() - t_prep
     seed_everything(args.seed)
-    model = AnomalyMoE(model_cfg).to_device(device)
+    model = AnomalyMoE(model_cfg)
+    model.parts = prep.model.parts  # the part segmentation prepare() loaded or fitted, as the training job's model
+    model.to_device(device)
     frame = Frame.for_backbone(model_cfg.backbone)
     epochs = local_epochs(prep.train, frame, args.batch_size, seed=args.seed, kept=prep.kept, threads=args.threads,
                           depth=4, pin=device.type == "cuda")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import layout
 from .backbone import Backbone, BackboneFeatures
 from .config import LEVELS, ModelConfig
 from .experts.component import ComponentExpert, component_features, stack_masks
@@ -28,6 +29,7 @@ from .losses import (
     hard_mining_cosine,
     hard_mining_p,
 )
+from .parts import Parts
 from .precision import autocast, fp32
 from .router import Router, Routing
 from .scoring import (
@@ -36,6 +38,7 @@ from .scoring import (
     LevelNorm,
     SlotStats,
     fit_level_norms,
+    fit_prototypes,
     fit_score_norms,
     fit_slot_norms,
     fuse,
@@ -113,6 +116,9 @@ class AnomalyMoE(nn.Module):
         self.router = Router(dim, cfg.num_experts, cfg.router)
         self.mi_estimator = MIEstimator(dim)
         self.calibration = Calibration()  # fitted on normal images, saved as calibration.json
+        # per-category part segmentation (models/parts.py), saved as parts.safetensors: an image of a category it
+        # covers gets its component masks from the model's own backbone pass, on every path
+        self.parts = Parts()
         # mixed precision of predict / calibration: None = the device's rule (bf16 autocast on CUDA, float32 on a
         # CPU; precision.py), or "bf16" / "fp32". Not part of the config: the same artifact runs on either device.
         self.inference_precision: str | None = None
@@ -170,8 +176,11 @@ class AnomalyMoE(nn.Module):
         step: int = 0,
         compute_targets: bool | None = None,
         feats: BackboneFeatures | None = None,
+        categories: list[str | None] | None = None,
     ) -> MoEOutput:
         """images: [B,3,S,S] in [0,1]. masks: component masks per image ([K,H,W], K may be 0) or None.
+        categories: "domain/category" per image; an image without given masks whose category `self.parts` covers
+        gets its masks from this forward's own backbone pass (models/parts.py).
         images_ae: the colour-jittered view for global experts (training); defaults to `images`.
         compute_targets: run the backbone on images_ae for the global experts' training target
         (default: in training mode). At inference there is exactly one backbone pass."""
@@ -179,6 +188,11 @@ class AnomalyMoE(nn.Module):
         dev = images.device
         masks = list(masks) if masks is not None else [None] * b
         feats = feats if feats is not None else self.backbone(images)
+        if self.parts and categories is not None:
+            need = [c if masks[i] is None else None for i, c in enumerate(categories)]
+            if any(self.parts.covers(c) for c in need):
+                derived = self.parts.masks(self.backbone, feats, images, need)
+                masks = [m if m is not None else d for m, d in zip(masks, derived, strict=True)]
         available = torch.ones(b, self.router.total, dtype=torch.bool, device=dev)
         has_parts = torch.tensor([m is not None and m.shape[0] > 0 for m in masks], device=dev)
         available[:, self.router.level_slices["component"]] = has_parts[:, None]
@@ -334,8 +348,8 @@ class AnomalyMoE(nn.Module):
         s = torch.where(valid, s / mass.clamp_min(1e-12), torch.full_like(s, MISSING_PART_SCORE))
         return s, routed & ((mass > 0) | ~valid)
 
-    def level_maps(self, out: MoEOutput, size: int, slot_norm: Tensor | None = None
-                   ) -> tuple[dict[str, Tensor], Tensor]:
+    def level_maps(self, out: MoEOutput, size: int, slot_norm: Tensor | None = None,
+                   lay: tuple[Tensor, Tensor] | None = None) -> tuple[dict[str, Tensor], Tensor]:
         """Raw per-level anomaly maps [B, size, size] (float32) and a [B, 3] bool of which levels the router used.
 
         Inside a level, the map is the routing-weighted mean of the selected experts' maps (weights
@@ -343,11 +357,21 @@ class AnomalyMoE(nn.Module):
         got; how levels are combined is the scoring config's explicit fusion rule (METHOD.md §5 #8).
         slot_norm: [K, 3] (low, high, presence) per component row (Calibration.slot_rows); component scores
         become (s - low) / (high - low), clamped at 0, before they are painted (see _normalize_slots).
+        lay: (priors, norms) per component row (layout.layout_rows): each slot's layout score is painted on its
+        unexpected cells, and the component map is the pixel-wise max of what the parts look like and where they are.
         Computed in float32 with autocast off, without a host synchronisation."""
         with fp32(out.en_groups[0].device):
-            return self._level_maps(out, size, slot_norm)
+            return self._level_maps(out, size, slot_norm, lay)
 
-    def _level_maps(self, out: MoEOutput, size: int, slot_norm: Tensor | None) -> tuple[dict[str, Tensor], Tensor]:
+    def _stacked_masks(self, out: MoEOutput, size: int) -> Tensor:
+        """[sum K, size, size] float32: every image's component masks at the map size, in component-row order."""
+        counted = [m for m in out.masks if m is not None and m.shape[0] > 0]
+        if not counted:
+            return out.comp_feats.new_zeros(0, size, size, dtype=torch.float32)
+        return stack_masks(counted, lambda x: F.interpolate(x, size=(size, size), mode="nearest"))
+
+    def _level_maps(self, out: MoEOutput, size: int, slot_norm: Tensor | None,
+                    lay: tuple[Tensor, Tensor] | None) -> tuple[dict[str, Tensor], Tensor]:
         r, sl, b = out.routing, out.routing.level_slices, out.batch_size
         h, w = out.grid
         dev = out.en_groups[0].device
@@ -382,9 +406,16 @@ class AnomalyMoE(nn.Module):
             valid = out.comp_valid
             if slot_norm is not None:
                 s = self._normalize_slots(s, valid, slot_norm).clamp_min(0)
-            mk = stack_masks(counted, lambda x: F.interpolate(x, size=(size, size), mode="nearest"))
-            mk = torch.where(valid[:, None, None], mk, torch.ones_like(mk))
-            painted = (s * used.float())[:, None, None] * mk  # [K, size, size], >= 0
+            mk = self._stacked_masks(out, size)
+            whole = torch.ones_like(mk)
+            if lay is not None:
+                # a slot with a layout prior: its absence is painted where it should be (by the layout score)
+                has_prior = ((lay[0] - 0.5).abs().flatten(1).amax(1) > 0).to(mk.device)
+                whole = torch.where(has_prior[:, None, None], torch.zeros_like(mk), whole)
+            painted = (s * used.float())[:, None, None] * torch.where(valid[:, None, None], mk, whole)
+            if lay is not None:
+                z, region = layout.score_and_region(mk > 0.5, *lay, size)
+                painted = torch.maximum(painted, (z * used.float())[:, None, None] * region)
             owner = out.comp_owner
             flat = painted.flatten(1)
             comp_map = comp_map.flatten(1).scatter_reduce_(0, owner[:, None].expand_as(flat), flat, "amax")
@@ -411,8 +442,11 @@ class AnomalyMoE(nn.Module):
     # ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, images: Tensor, masks: list[Tensor | None] | None = None,
-                categories: list[str | None] | None = None, calibration: Calibration | None = None) -> Prediction:
-        """Score images (eval mode, deterministic, one backbone pass)."""
+                categories: list[str | None] | None = None, calibration: Calibration | None = None,
+                candidates: list[str] | None = None) -> Prediction:
+        """Score images (eval mode, deterministic, one backbone pass). An image without a category gets the one
+        whose prototype (the mean image embedding of its calibration images) is nearest, among `candidates`
+        (default: every calibrated category); Prediction.categories / category_info say which and how sure."""
         was_training = self.training
         self.eval()
         try:
@@ -420,11 +454,14 @@ class AnomalyMoE(nn.Module):
             sc = self.cfg.scoring
             size = sc.map_size or images.shape[-1]
             with autocast(images.device, self.inference_precision):
-                out = self(images, masks, compute_targets=False)
+                feats = self.backbone(images)
+                emb = feats.embedding()
+                cats, info = cal.infer_categories(emb, categories, candidates)
+                out = self(images, masks, compute_targets=False, feats=feats, categories=cats)
             counts = [0 if m is None else m.shape[0] for m in out.masks]
-            cats = categories or [None] * images.shape[0]
             slot_norm = cal.slot_rows(cats, counts) if sc.component_slot_norm else None
-            raw, present = self.level_maps(out, size, slot_norm)
+            lay = layout.layout_rows(cal.layouts, cats, counts) if sc.part_layout else None
+            raw, present = self.level_maps(out, size, slot_norm, lay)
             mass = self.level_mass(out.routing)
             with fp32(images.device):  # the score and its parts: float32 whatever the experts ran in
                 fused = smooth(fuse(raw, present, mass, cal, sc), sc.smooth_kernel, sc.smooth_sigma)
@@ -440,9 +477,15 @@ class AnomalyMoE(nn.Module):
             comp_scores = self.component_scores(out)[0]
             if slot_norm is not None:
                 comp_scores = self._normalize_slots(comp_scores, out.comp_valid, slot_norm)
+            lay_scores = torch.zeros_like(comp_scores)
+            if lay is not None and comp_scores.numel():
+                with fp32(images.device):
+                    lay_scores = layout.score_and_region(self._stacked_masks(out, size), *lay, size)[0]
             return Prediction(score.cpu(), normalized, threshold, fused.cpu(), {k: v.cpu() for k, v in raw.items()},
                               present.cpu(), level_scores.cpu(), out.routing, mass.cpu(),
-                              list(comp_scores.cpu().split(counts)))
+                              list(comp_scores.cpu().split(counts)), cats, info,
+                              [None if m is None else m.cpu() for m in out.masks], emb.cpu(),
+                              list(lay_scores.cpu().split(counts)))
         finally:
             self.train(was_training)
 
@@ -457,15 +500,21 @@ class AnomalyMoE(nn.Module):
         if not callable(batches):
             batches = (lambda held: (lambda: held))(list(batches))
         slots = Calibration()
-        if sc.component_slot_norm and self.cfg.component.num:
-            slots.components = fit_slot_norms(self._slot_scores(batches()), sc)
-        kept = []
+        if (sc.component_slot_norm or sc.part_layout) and self.cfg.component.num:
+            stats, covs = self._slot_scores(batches())
+            if sc.component_slot_norm:
+                slots.components = fit_slot_norms(stats, sc)
+            if sc.part_layout:
+                slots.layouts = layout.fit_layouts(covs, sc.threshold_quantile)
+        kept, embeddings = [], []
         for images, masks, cats in batches():
             p = self.predict(images, masks, cats, slots)
-            kept.append((p.level_maps, p.present, p.level_mass,
-                         list(cats) if cats else [None] * images.shape[0]))
+            cats = list(cats) if cats else [None] * images.shape[0]
+            kept.append((p.level_maps, p.present, p.level_mass, cats))
+            embeddings.append((p.embedding, cats))
         levels = fit_level_norms(((({k: v.float() for k, v in m.items()}), pr) for m, pr, _, _ in kept), sc)
-        cal = Calibration(levels=levels, components=slots.components)
+        cal = Calibration(levels=levels, components=slots.components, prototypes=fit_prototypes(embeddings),
+                          layouts=slots.layouts)
         by_cat: dict[str, list[float]] = {}
         for m, pr, mass, cats in kept:
             fused = smooth(fuse({k: v.float() for k, v in m.items()}, pr, mass, cal, sc), sc.smooth_kernel,
@@ -479,21 +528,24 @@ class AnomalyMoE(nn.Module):
 
     @torch.no_grad()
     def _slot_scores(self, batches: Iterable[tuple[Tensor, list | None, list[str | None]]]
-                     ) -> dict[str, list[SlotStats]]:
+                     ) -> tuple[dict[str, list[SlotStats]], dict[str, list[Tensor]]]:
         """Per category and slot index: raw scores of the routed, present slots, and how often the slot
-        was routed and present."""
+        was routed and present; and per category every image's slot coverage on the layout grid."""
         was_training = self.training
         self.eval()
         by_cat: dict[str, list[SlotStats]] = {}
+        covs: dict[str, list[Tensor]] = {}
         try:
             for images, masks, cats in batches:
                 with autocast(images.device, self.inference_precision):
-                    out = self(images, masks, compute_targets=False)
+                    out = self(images, masks, compute_targets=False, categories=cats)
                 s, used = self.component_scores(out)
                 s, used, valid = s.tolist(), used.tolist(), out.comp_valid.tolist()
                 start = 0
                 for m, c in zip(out.masks, cats or [None] * images.shape[0], strict=True):
                     n = 0 if m is None else m.shape[0]
+                    if n and c is not None:
+                        covs.setdefault(c, []).append(layout.coverage(m).cpu())
                     per = by_cat.setdefault(c or DEFAULT_KEY, [])
                     per.extend(SlotStats() for _ in range(n - len(per)))
                     for i in range(n):
@@ -506,7 +558,12 @@ class AnomalyMoE(nn.Module):
                     start += n
         finally:
             self.train(was_training)
-        return by_cat
+        # a category's images can differ in slot count only if they came with their own label maps: keep the most
+        # common count
+        for c, rows in covs.items():
+            n = max({r.shape[0] for r in rows}, key=[r.shape[0] for r in rows].count)
+            covs[c] = [r for r in rows if r.shape[0] == n]
+        return by_cat, covs
 
 
 @dataclass
@@ -523,6 +580,13 @@ class Prediction:
     # per image: one score per component slot (slot-normalised once calibrated: 0 = median normal, 1 = its
     # high quantile); an empty slot (missing part) scores high
     component_scores: list[Tensor] = field(default_factory=list)
+    categories: list[str | None] = field(default_factory=list)  # the category each image was scored as
+    # per image: None where the category was given, else how it was inferred (Calibration.infer_categories)
+    category_info: list[dict | None] = field(default_factory=list)
+    masks: list[Tensor | None] = field(default_factory=list)  # the component masks scored ([K, H, W] bool)
+    embedding: Tensor | None = None  # [B, C] BackboneFeatures.embedding (what category prototypes are fitted on)
+    # per image: each slot's layout score (models/layout.py: 0 = where it normally is, 1 = its high normal quantile)
+    layout_scores: list[Tensor] = field(default_factory=list)
 
     @property
     def is_anomaly(self) -> Tensor:

@@ -2,7 +2,8 @@
 
     model.safetensors   trainable weights (experts + router); never a pickle
     config.json         full model config + its hash + the backbone reference (name, weights URI, sha256)
-    calibration.json    normalisation and thresholds fitted on normal images
+    calibration.json    normalisation and thresholds fitted on normal images, category prototypes
+    parts.safetensors   optional: the per-category part segmentation the model derives component masks with
     metrics.json        optional evaluation results
 
 The backbone is referenced, not copied: loading rebuilds it from the URI and refuses weights whose
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from .anomalymoe import AnomalyMoE
 from .config import ModelConfig
+from .parts import Parts
 from .scoring import Calibration
 
 FORMAT = "anomalymoe-artifact/1"
@@ -55,6 +57,11 @@ def save_artifact(model: AnomalyMoE, directory: str | Path, metrics: dict | None
         **(extra or {}),
     })
     _write_json(d / "calibration.json", model.calibration.to_dict())
+    if model.parts:
+        model.parts.save(d / "parts.safetensors.tmp")
+        os.replace(d / "parts.safetensors.tmp", d / "parts.safetensors")
+    elif (d / "parts.safetensors").exists():
+        (d / "parts.safetensors").unlink()
     if metrics is not None:
         _write_json(d / "metrics.json", metrics)
     return d
@@ -101,6 +108,16 @@ def load_artifact(directory: str | Path, device: str | torch.device = "cpu") -> 
         )
     model.load_state_dict(state, strict=False)  # strictness checked above; the backbone comes from its URI
     model.calibration = calibration
+    if (d / "parts.safetensors").is_file():
+        try:
+            model.parts = Parts.load(d / "parts.safetensors")
+        except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
+            raise ArtifactError(f"{d}/parts.safetensors is unreadable: {e}") from e
+        dims = {k: c.centers.shape[1] for k, c in model.parts.categories.items()}
+        want = model.backbone.embed_dim + (3 if model.parts.params.color_weight > 0 else 0)
+        if any(v != want for v in dims.values()):
+            raise ArtifactError(f"{d}/parts.safetensors has centres of width {sorted(set(dims.values()))}, the "
+                                f"backbone gives {want}: parts of another backbone")
     return model.to_device(device).eval()
 
 

@@ -127,6 +127,10 @@ class ScoringConfig(_Strict):
     # part scores at least this much (its raw score is 1 - cos(., 0) = 1, which may not be far above the
     # normal range of an untrained expert).
     missing_part_score: float = 4.0
+    # Score where each part slot is, not only what it looks like (models/layout.py): calibration fits every slot's
+    # occupancy prior on normal images, and a part that is missing, extra, moved or swapped scores by its
+    # unexpected occupancy on the component level. Off: the component level is the experts' reconstruction alone.
+    part_layout: bool = True
 
 
 class ModelConfig(_Strict):

@@ -16,8 +16,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import LEVELS, ScoringConfig
+from .layout import SlotLayout
 
 DEFAULT_KEY = "_default"
+# Softmax temperature over cosine similarities of an image embedding to the category prototypes ("how sure").
+CATEGORY_TEMPERATURE = 0.05
 
 
 @dataclass
@@ -56,6 +59,12 @@ class Calibration:
     scores: dict[str, ScoreNorm] = field(default_factory=dict)
     # per category: one LevelNorm per component slot (kept cluster), low = median, high = a high quantile
     components: dict[str, list[SlotNorm]] = field(default_factory=dict)
+    # per category: the mean unit image embedding (BackboneFeatures.embedding) of its normal calibration images
+    # ("vector") and the lowest cosine
+    # similarity one of them had to it ("floor"): category inference for requests that do not name theirs
+    prototypes: dict[str, dict] = field(default_factory=dict)
+    # per category: where each component slot normally is (models/layout.py), one SlotLayout per slot
+    layouts: dict[str, list[SlotLayout]] = field(default_factory=dict)
 
     @property
     def fitted(self) -> bool:
@@ -63,6 +72,34 @@ class Calibration:
 
     def for_category(self, category: str | None) -> ScoreNorm | None:
         return self.scores.get(category or DEFAULT_KEY) or self.scores.get(DEFAULT_KEY)
+
+    def infer_categories(self, emb: Tensor, categories: list[str | None] | None, candidates: list[str] | None = None,
+                         temperature: float = CATEGORY_TEMPERATURE) -> tuple[list[str | None], list[dict | None]]:
+        """Each image's category: the given one, else the nearest prototype (cosine of the image embedding) among
+        `candidates` (default: every category with a prototype). Returns (categories, info) where info[i] is None
+        for a given category, else {"inferred": True, "confidence": softmax of the similarities / temperature over
+        the candidates, "similarity": to the chosen prototype, "margin": over the runner-up, "in_distribution":
+        similarity >= the lowest a normal calibration image of that category had}."""
+        b = emb.shape[0]
+        cats = list(categories) if categories is not None else [None] * b
+        info: list[dict | None] = [None] * b
+        keys = [k for k in sorted(self.prototypes) if candidates is None or k in candidates]
+        todo = [i for i, c in enumerate(cats) if c is None]
+        if not todo or not keys:
+            return cats, info
+        protos = torch.tensor([self.prototypes[k]["vector"] for k in keys], dtype=torch.float32)
+        emb = F.normalize(emb[todo].detach().float().cpu(), dim=1)
+        sims = emb @ protos.T  # [n, K]
+        conf = (sims / temperature).softmax(1)
+        top = sims.topk(min(2, len(keys)), dim=1)
+        for r, i in enumerate(todo):
+            j = int(top.indices[r, 0])
+            sim = float(sims[r, j])
+            cats[i] = keys[j]
+            info[i] = {"inferred": True, "confidence": float(conf[r, j]), "similarity": sim,
+                       "margin": float(top.values[r, 0] - top.values[r, 1]) if len(keys) > 1 else None,
+                       "in_distribution": sim >= self.prototypes[keys[j]]["floor"]}
+        return cats, info
 
     def slot_rows(self, categories: list[str | None], counts: list[int]) -> Tensor | None:
         """[sum counts, 3] (low, high, presence) for every component row of a batch (image b has counts[b]
@@ -82,6 +119,8 @@ class Calibration:
             "scores": {k: {"median": v.median, "threshold": v.threshold, "n": v.n} for k, v in self.scores.items()},
             "components": {k: [{"low": n.low, "high": n.high, "presence": n.presence} for n in v]
                            for k, v in self.components.items()},
+            "prototypes": self.prototypes,
+            "layouts": {k: [sl.to_dict() for sl in v] for k, v in self.layouts.items()},
         }
 
     @classmethod
@@ -92,6 +131,9 @@ class Calibration:
                     for k, v in d.get("scores", {}).items()},
             components={k: [SlotNorm(float(n["low"]), float(n["high"]), float(n.get("presence", 1.0))) for n in v]
                         for k, v in d.get("components", {}).items()},
+            prototypes={k: {"vector": [float(x) for x in v["vector"]], "floor": float(v["floor"])}
+                        for k, v in d.get("prototypes", {}).items()},
+            layouts={k: [SlotLayout.from_dict(x) for x in v] for k, v in d.get("layouts", {}).items()},
         )
 
 
@@ -222,4 +264,20 @@ def fit_slot_norms(stats: dict[str, list[SlotStats]], cfg: ScoringConfig) -> dic
             spread = max(float(np.quantile(a, cfg.threshold_quantile)) - lo, 0.1 * abs(lo), 1e-6)
             norms.append(SlotNorm(lo, lo + spread, presence))
         out[key] = norms
+    return out
+
+
+def fit_prototypes(embeddings: Iterable[tuple[Tensor, list[str | None]]]) -> dict[str, dict]:
+    """Per category: the normalised mean of its images' unit embeddings and the lowest cosine similarity one of
+    them has to it (images without a category are left out)."""
+    by_cat: dict[str, list[Tensor]] = {}
+    for emb, cats in embeddings:
+        for e, c in zip(F.normalize(emb.float(), dim=1), cats, strict=True):
+            if c is not None:
+                by_cat.setdefault(c, []).append(e)
+    out = {}
+    for c, rows in sorted(by_cat.items()):
+        x = torch.stack(rows)
+        v = F.normalize(x.mean(0), dim=0)
+        out[c] = {"vector": v.tolist(), "floor": float((x @ v).min())}
     return out

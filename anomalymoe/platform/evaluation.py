@@ -157,6 +157,9 @@ def _evaluate(model: AnomalyMoE, manifest: pd.DataFrame, batch_size: int, out_di
               kept: dict | None, progress: bool, loader: str) -> dict:
     device = next(model.parameters()).device
     frame = Frame.for_backbone(model.cfg.backbone)
+    # a category the model has parts for is scored with the masks it derives itself, as the service scores it;
+    # stored label maps are read only for categories it does not cover
+    kept = {k: v for k, v in (kept or {}).items() if not model.parts.covers(k)}
     out = Path(out_dir) if out_dir else None
     df = manifest.reset_index(drop=True).copy()
     if "defect_group" not in df:

@@ -199,6 +199,11 @@ def to_device(batch: tuple, device: str | torch.device) -> tuple:
     return (images.to(device, non_blocking=True), masks, *rest)
 
 
+def row_keys(rows: pd.DataFrame) -> list[str]:
+    """The "domain/category" key of each row (two domains may share a category name)."""
+    return (rows["domain"].astype(str) + "/" + rows["category"].astype(str)).tolist()
+
+
 def category_batches(rows: pd.DataFrame, frame: int | Frame, kept: dict[str, list[int]] | None, batch_size: int = 8
                      ) -> Iterator[tuple[Tensor, list[Tensor | None], list[str]]]:
     """(images, masks, "domain/category" keys) in row order: what calibration and validation consume (keyed by
@@ -206,22 +211,26 @@ def category_batches(rows: pd.DataFrame, frame: int | Frame, kept: dict[str, lis
     for start in range(0, len(rows), batch_size):
         chunk = rows.iloc[start : start + batch_size]
         images, masks = load_rows(chunk, frame, kept)
-        yield images, masks, (chunk["domain"] + "/" + chunk["category"]).tolist()
+        yield images, masks, row_keys(chunk)
 
 
 def local_epochs(df: pd.DataFrame, frame: int | Frame, batch_size: int, *, seed: int = 0, alpha: float = 0.0,
                  kept: dict[str, list[int]] | None = None, epoch_size: int | None = None, threads: int = 0,
-                 depth: int = 0, pin: bool = False) -> Iterator[Iterator[tuple[Tensor, list[Tensor | None]]]]:
-    """In-process pipeline: one iterator of (images, masks) batches per epoch, forever. threads: decode threads
-    per batch; depth: batches decoded ahead in the background (0: decode on demand, in the caller's thread).
-    One PNG at a time in the training process kept an H200 waiting (issue 12: < 107 img/s end to end)."""
+                 depth: int = 0, pin: bool = False
+                 ) -> Iterator[Iterator[tuple[Tensor, list[Tensor | None], list[str]]]]:
+    """In-process pipeline: one iterator of (images, masks, "domain/category" keys) batches per epoch, forever
+    (masks from stored label maps where `kept` names the row's category, else None: the model derives them).
+    threads: decode threads per batch; depth: batches decoded ahead in the background (0: decode on demand, in
+    the caller's thread). One PNG at a time in the training process kept an H200 waiting (issue 12: < 107 img/s
+    end to end)."""
     epoch = 0
     while True:
         idx = epoch_indices(df, epoch, seed=seed, alpha=alpha, size=epoch_size)
 
         def one_epoch(idx=idx):
             for start in range(0, len(idx) - batch_size + 1, batch_size):
-                yield load_rows(df.iloc[idx[start : start + batch_size]], frame, kept, threads=threads)
+                rows = df.iloc[idx[start : start + batch_size]]
+                yield (*load_rows(rows, frame, kept, threads=threads), row_keys(rows))
 
         yield prefetch(one_epoch(), depth, pin)
         epoch += 1

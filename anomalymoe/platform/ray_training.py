@@ -30,10 +30,21 @@ import torch
 
 from ..models.anomalymoe import AnomalyMoE
 from ..models.config import ModelConfig
+from ..models.parts import Parts
 from ..models.precision import describe
 from . import storage
 from .checkpoint import load_training_state, load_weights, save_training_state
-from .pipeline import Frame, category_batches, load_rows, prefetch, ray_rows, step_rows, to_batch, to_device
+from .pipeline import (
+    Frame,
+    category_batches,
+    load_rows,
+    prefetch,
+    ray_rows,
+    row_keys,
+    step_rows,
+    to_batch,
+    to_device,
+)
 from .trainer import TrainConfig, Trainer, seed_everything
 
 log = logging.getLogger(__name__)
@@ -51,6 +62,7 @@ class LoopConfig:
     train: dict
     rows: pd.DataFrame  # normal training rows (the calibration hold-out already removed)
     kept: dict[str, list[int]] = field(default_factory=dict)
+    parts: dict = field(default_factory=dict)  # the model's part segmentation (models/parts.Parts.state())
     val_rows: pd.DataFrame | None = None  # held-out normal rows for validation (rank 0)
     alpha: float = 0.0
     checkpoint_every: int = 50
@@ -64,7 +76,8 @@ class LoopConfig:
 
 # ------------------------------------------------------------------------------------------ worker side
 def _batches(cfg: LoopConfig, tcfg: TrainConfig, frame: Frame, start: int, rank: int, world: int):
-    """(images, masks) for steps start, start+1, ... on this rank; one Ray Dataset per epoch's remainder."""
+    """(images, masks, "domain/category" keys) for steps start, start+1, ... on this rank; one Ray Dataset per
+    epoch's remainder."""
     local = tcfg.batch_size // world
     per_epoch = max(1, len(cfg.rows) // tcfg.batch_size)
     step = start
@@ -74,15 +87,15 @@ def _batches(cfg: LoopConfig, tcfg: TrainConfig, frame: Frame, start: int, rank:
                          stop=stop)
         if cfg.loader == "local":
             # decode threads + two batches ahead: one PNG at a time kept a GPU waiting (issue 12)
-            yield from prefetch((load_rows(rows.iloc[i : i + local], frame, cfg.kept, threads=cfg.threads)
-                                 for i in range(0, len(rows), local)), depth=2)
+            yield from prefetch(((*load_rows(rows.iloc[i : i + local], frame, cfg.kept, threads=cfg.threads),
+                                  row_keys(rows.iloc[i : i + local])) for i in range(0, len(rows), local)), depth=2)
         else:  # decode tasks take no CPU of their own: the training workers hold the CPUs they run on
             import ray.data
 
             ray.data.DataContext.get_current().enable_progress_bars = False  # job logs: our own progress lines
             ds = ray_rows(rows, frame, read_concurrency=max(2, cfg.threads), num_cpus=0)
             for b in ds.iter_batches(batch_size=local, batch_format="pandas", prefetch_batches=2, drop_last=False):
-                yield to_batch(b, cfg.kept)
+                yield (*to_batch(b, cfg.kept), row_keys(b))
         step = stop
 
 
@@ -188,7 +201,9 @@ def train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the global experts' convs: cuDNN picks its kernels per shape once
-    model = AnomalyMoE(ModelConfig.from_dict(cfg.model)).to_device(device)
+    model = AnomalyMoE(ModelConfig.from_dict(cfg.model))
+    model.parts = Parts.from_state(cfg.parts)  # component masks from the model's own backbone pass
+    model.to_device(device)
     # bf16 autocast on CUDA, float32 on CPUs (precision.py); gradients averaged on the device (NCCL or gloo)
     trainer = Trainer(model, tcfg, grad_sync=average_gradients if world > 1 else None)
     ckpt = ray.train.get_checkpoint()
@@ -208,10 +223,10 @@ def train_loop(config: dict[str, Any]) -> None:
     while trainer.step_num < tcfg.steps:
         if trainer.step_num % cfg.checkpoint_every == 0:
             _reseed(trainer, tcfg.seed, rank, trainer.step_num)
-        images, masks = next(it)
+        images, masks, cats = next(it)
         times["data"] += time.perf_counter() - t_data
         images, masks = to_device((images, masks), device)
-        rec = trainer.step(images, masks)
+        rec = trainer.step(images, masks, cats)
         for k in ("forward", "backward", "optimizer"):
             times[k] += rec[f"time_{k}"]
         n_imgs += images.shape[0] * world
@@ -394,19 +409,16 @@ def _prepare_data(spec: JobSpec, model: AnomalyMoE):
     from .data import resolve_data
     from .manifest import ensure_valid
     from .pipeline import holdout_split
-    from .segmentation import SegmentParams, segment_manifest
+    from .segmentation import SegmentParams, prepare_parts
 
     df, kept = resolve_data(spec.data, demo_root=spec.demo_root, seed=spec.train.seed, domains=spec.domains)
     df = ensure_valid(df, skip_bad_rows=spec.skip_bad_rows, required_splits=("train",))
-    if "demo" in spec.data:  # the demo's objects need their part masks (segmented once, then reused)
-        objects = df[df["domain"] == "objects"]
-        missing = objects[~(objects["domain"] + "/" + objects["category"]).isin(list(kept))]
-        if not missing.empty:
-            print(f"[data] segmenting {len(missing)} objects images into component masks", flush=True)
-            seg, seg_kept = segment_manifest(model.backbone, objects,
-                                             params=SegmentParams(k=spec.segment_k, seed=spec.train.seed))
-            df.loc[seg.index, "component_mask_uri"] = seg["component_mask_uri"]
-            kept.update(seg_kept)
+    # Every category gets its part segmentation inside the model (loaded from jobs/segment.py's output, else fitted
+    # here); the model then derives component masks from its own backbone pass on every path, so no label maps are
+    # read: `kept` stays only for categories it does not cover (none, once every category is prepared).
+    model.parts = prepare_parts(model.backbone, df, SegmentParams(k=spec.segment_k, seed=spec.train.seed),
+                                log=lambda m: print(m, flush=True))
+    kept = {k: v for k, v in kept.items() if not model.parts.covers(k)}
     normal = df[(df["split"] == "train") & (df["label"] == 0)]
     train, held = holdout_split(normal, spec.holdout, seed=spec.train.seed)
     if train.empty:
@@ -466,7 +478,8 @@ def loop_config(spec: JobSpec, prep: Prepared, run_name: str, run_id: str | None
     from . import registry
 
     return LoopConfig(model=model_cfg or prep.model_cfg, train=train or spec.train.model_dump(mode="json"),
-                      rows=prep.train, kept=prep.kept, val_rows=prep.held if len(prep.held) >= 2 else None,
+                      rows=prep.train, kept=prep.kept, parts=prep.model.parts.state(),
+                      val_rows=prep.held if len(prep.held) >= 2 else None,
                       alpha=spec.alpha, checkpoint_every=spec.checkpoint_every, val_every=spec.val_every,
                       log_every=spec.log_every, loader=spec.loader, threads=threads, run_name=run_name,
                       mlflow={"tracking_uri": registry.tracking_uri(), "run_id": run_id} if run_id else {})

@@ -24,26 +24,27 @@ from tqdm.auto import tqdm
 
 from ..models.backbone import Backbone
 from ..models.config import BackboneConfig
+from ..models.parts import (  # noqa: F401 - assign, guided_filter re-exported
+    CategoryParts,
+    PartParams,
+    Parts,
+    assign,
+    guided_filter,
+    slot_masks,
+    token_features,
+)
 from . import storage
 from .pipeline import load_rows
 
 
 @torch.no_grad()
 def patch_features(backbone: Backbone, images: Tensor, color_weight: float = 0.0) -> Tensor:
-    """[B, C(+3), h, w] unit-norm last-block features (after the final norm), the usual input for clustering
-    DINO features. color_weight > 0 appends each token's mean colour (centred at grey): DINO features alone
-    merge small parts of different colour with their surroundings (measured on the objects demo: best-match
-    part IoU 0.48 -> 0.71 with weight 2)."""
+    """[B, C(+3), h, w] unit-norm last-block features (after the final norm) plus colour: the model's own part
+    features (models/parts.token_features) from one backbone pass, so label maps written here and the masks the
+    model derives at scoring time are the same computation."""
     if images.shape[-2:] != (backbone.cfg.img_size,) * 2:
         images = F.interpolate(images, size=(backbone.cfg.img_size,) * 2, mode="bilinear", align_corners=False)
-    (tokens,) = backbone.vit.forward_intermediates(
-        backbone.normalize(images), indices=[backbone.depth - 1], norm=True, output_fmt="NCHW",
-        intermediates_only=True)
-    feats = F.normalize(tokens, dim=1)
-    if color_weight > 0:
-        colour = F.adaptive_avg_pool2d(images, feats.shape[-2:]) - 0.5
-        feats = F.normalize(torch.cat([feats, color_weight * colour], 1), dim=1)
-    return feats
+    return token_features(backbone, backbone(images), images, color_weight)
 
 
 def coreset_patches(feats: Tensor, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -66,42 +67,6 @@ def fit_centers(samples: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(samples.astype(np.float64))
     centers = km.cluster_centers_.astype(np.float32)
     return centers / np.linalg.norm(centers, axis=1, keepdims=True).clip(1e-12)
-
-
-def _box(x: Tensor, r: int) -> Tensor:
-    """Mean over a (2r+1)^2 window, [B, C, H, W], edges replicated."""
-    k = 2 * r + 1
-    return F.avg_pool2d(F.pad(x, (r, r, r, r), mode="replicate"), k, stride=1)
-
-
-def guided_filter(guide: Tensor, src: Tensor, r: int, eps: float) -> Tensor:
-    """He et al.'s guided filter with a grey guide: smooths `src` [B,K,H,W] while keeping the guide's edges
-    [B,1,H,W] - the cheap stand-in for the reference's dense CRF."""
-    mean_i = _box(guide, r)
-    mean_p = _box(src, r)
-    cov_ip = _box(guide * src, r) - mean_i * mean_p
-    var_i = _box(guide * guide, r) - mean_i * mean_i
-    a = cov_ip / (var_i + eps)
-    b = mean_p - a * mean_i
-    return _box(a, r) * guide + _box(b, r)
-
-
-@torch.no_grad()
-def assign(feats: Tensor, centers: Tensor, images: Tensor, out_size: int, refine: bool = True,
-           temperature: float = 0.05) -> Tensor:
-    """Label maps [B, S, S] uint8 with values 1..k (cluster index + 1).
-
-    Soft assignment = softmax over cosine similarities / temperature at the token grid, bilinearly
-    upsampled, optionally refined by a guided filter on the image, then argmax."""
-    sim = torch.einsum("bchw,kc->bkhw", feats, centers)
-    soft = (sim / temperature).softmax(1)
-    soft = F.interpolate(soft, size=(out_size, out_size), mode="bilinear", align_corners=False)
-    if refine:
-        grey = F.interpolate(images.mean(1, keepdim=True), size=(out_size, out_size), mode="bilinear",
-                             align_corners=False)
-        r = max(1, out_size // 64)
-        soft = guided_filter(grey, soft, r=r, eps=1e-3)
-    return (soft.argmax(1) + 1).to(torch.uint8)
 
 
 @dataclass
@@ -135,22 +100,22 @@ class ClusterStats:
         self.border_votes += other.border_votes
         self.area += other.area
 
-    def kept(self, min_area: float = 0.005, vote: float = 0.5) -> list[int]:
-        """Clusters (0-based) that are parts: not background by majority vote and not negligible."""
+    def kept(self, min_area: float = 0.005, vote: float = 0.5, fallback: bool = True) -> list[int]:
+        """Clusters (0-based) that are parts: not background by majority vote and not negligible. When every
+        cluster is background (a texture: each one reaches the image's corners), `fallback` keeps the one least
+        often at the border; without it the category has no parts."""
         if self.images == 0:
             return list(range(self.k))
         frac_border = self.border_votes / self.images
         mean_area = self.area / self.images
         keep = [j for j in range(self.k) if frac_border[j] <= vote and mean_area[j] >= min_area]
-        return keep or [int(np.argmin(frac_border))]
+        return keep or ([int(np.argmin(frac_border))] if fallback else [])
 
 
 def component_masks(labels: Tensor | np.ndarray, kept: list[int], drop_empty: bool = False) -> Tensor:
-    """[S, S] label map (1..k) -> [K, S, S] bool masks, one per kept cluster in kept order. Empty masks stay
-    by default: row i is always cluster kept[i] (the model's component slot i), and an empty slot is a
-    missing part, which the model scores as an anomaly."""
-    lab = torch.as_tensor(np.array(labels))  # a copy: PIL arrays are read-only
-    masks = torch.stack([lab == j + 1 for j in kept]) if kept else torch.zeros(0, *lab.shape, dtype=torch.bool)
+    """[S, S] label map (1..k) -> [K, S, S] bool masks, one per kept cluster in kept order (models/parts.slot_masks):
+    row i is always cluster kept[i] (the model's component slot i), and an empty slot is a missing part."""
+    masks = slot_masks(torch.as_tensor(np.array(labels)), kept)  # a copy: PIL arrays are read-only
     if drop_empty and masks.numel():
         masks = masks[masks.flatten(1).any(1)]
     return masks
@@ -241,6 +206,22 @@ class _FitWorker:
         out["feats"] = [coreset_patches(feats[i : i + 1], self.params.per_image,
                                         np.random.default_rng([self.params.seed, zlib.crc32(_rel(u).encode())]))
                         for i, u in enumerate(chunk["uri"])]
+        return out
+
+
+class _LabelWorker:
+    """Rows -> label maps kept in memory (the in-process fit of the training job; nothing written)."""
+
+    def __init__(self, backbone: Backbone | dict, params: SegmentParams, centers: np.ndarray):
+        self.backbone = backbone if isinstance(backbone, Backbone) else Backbone(BackboneConfig(**backbone))
+        self.params, self.centers = params, torch.from_numpy(centers)
+
+    def __call__(self, chunk):
+        images, _ = load_rows(chunk, self.backbone.cfg.img_size)
+        p = self.params
+        out = chunk[["uri"]].copy()
+        out["labels"] = list(assign(patch_features(self.backbone, images, p.color_weight), self.centers, images,
+                                    p.out_size, p.refine, p.temperature).numpy())
         return out
 
 
@@ -339,6 +320,58 @@ def segment_category(backbone: Backbone, rows, params: SegmentParams, *, batch_s
     return kept, info
 
 
+def part_params(params: SegmentParams) -> PartParams:
+    """The assignment settings the model needs to derive masks as this segmentation writes them."""
+    return PartParams(color_weight=params.color_weight, temperature=params.temperature, refine=params.refine,
+                      out_size=params.out_size)
+
+
+def fit_parts(backbone: Backbone, rows, params: SegmentParams, *, batch_size: int = 8, use_ray: bool = False
+              ) -> CategoryParts:
+    """Fit one category's part segmentation in memory (no label maps written): centres on coreset features of up
+    to `max_fit_images` normal training images, then the background vote over all of them. The same centres and
+    kept clusters `segment_category` writes for the same rows and parameters, except that a category whose every
+    cluster is background (a texture) keeps none: it has no component level."""
+    rows = rows.sort_values("uri").reset_index(drop=True)
+    fit_rows = rows[(rows["split"] == "train") & (rows["label"] == 0)]
+    if fit_rows.empty:
+        raise ValueError(f"{category_dir(rows['uri'].iloc[0])}: no normal training images to fit component "
+                         "clusters on")
+    feats = run_batches(fit_rows.iloc[: params.max_fit_images], _FitWorker, backbone, {"params": params},
+                        batch_size=batch_size, use_ray=use_ray)
+    centers = fit_centers(np.concatenate(list(feats["feats"])), params.k, params.seed)
+    labels = run_batches(fit_rows, _LabelWorker, backbone, {"params": params, "centers": centers},
+                         batch_size=batch_size, use_ray=use_ray)
+    stats = ClusterStats(params.k)
+    for lab in labels["labels"]:
+        stats.update(np.asarray(lab)[None])
+    kept = stats.kept(fallback=False)
+    return CategoryParts(torch.from_numpy(centers), kept, {
+        "source": "fitted by the training job", "k": params.k, "images_fitted": min(len(fit_rows),
+                                                                                    params.max_fit_images),
+        "images_voted": stats.images, "border_votes": stats.border_votes.tolist(),
+        "mean_area": (stats.area / max(stats.images, 1)).round(4).tolist()})
+
+
+def load_category_parts(image_uri: str, params: SegmentParams, backbone_hash: str | None) -> CategoryParts | None:
+    """The parts `jobs/segment.py` finished for the category of `image_uri` (centres + kept clusters), or None when
+    it has not, or ran with other parameters or another backbone (then the training job fits its own)."""
+    comp = f"{category_dir(image_uri)}/components"
+    if not (storage.exists(f"{comp}/clusters.json") and storage.exists(f"{comp}/centers.npy")):
+        return None
+    info = json.loads(storage.read_text(f"{comp}/clusters.json"))
+    want = params.key(backbone_hash)
+    have = info.get("params", {})
+    if any(have.get(k) != want[k] for k in ("version", "color_weight", "temperature", "refine", "out_size",
+                                            "backbone")):
+        return None
+    centers = np.load(io.BytesIO(storage.read_bytes(f"{comp}/centers.npy")))
+    return CategoryParts(torch.from_numpy(centers), [int(j) for j in info["kept"]],
+                         {"source": f"{comp} (jobs/segment.py)", "k": int(info["k"]),
+                          "images_voted": info.get("images_voted"), "border_votes": info.get("border_votes"),
+                          "mean_area": info.get("mean_area")})
+
+
 def segment_manifest(backbone: Backbone, manifest, k_per_category: dict[str, int] | None = None,
                      params: SegmentParams | None = None, *, batch_size: int = 8, progress: bool = True,
                      use_ray: bool = False):
@@ -364,3 +397,23 @@ def load_kept(manifest) -> dict[str, list[int]]:
         if storage.exists(uri):
             kept[f"{dom}/{cat}"] = json.loads(storage.read_text(uri))["kept"]
     return kept
+
+
+def prepare_parts(backbone: Backbone, manifest, params: SegmentParams, *, batch_size: int = 8, use_ray: bool = False,
+                  log=print) -> Parts:
+    """Parts for every category of a manifest: the ones `jobs/segment.py` finished with these parameters and this
+    backbone are loaded, every other category is fitted here (in memory; said in the log)."""
+    out = Parts(part_params(params))
+    for (dom, cat), sub in sorted(manifest.groupby(["domain", "category"]), key=lambda kv: kv[0]):
+        key = f"{dom}/{cat}"
+        cp = load_category_parts(sub["uri"].iloc[0], params, backbone.cfg.weights_sha256)
+        if cp is None:
+            n = int(((sub["split"] == "train") & (sub["label"] == 0)).sum())
+            log(f"[parts] {key}: no segmentation from jobs/segment.py with these settings: fitting {params.k} "
+                f"clusters on {min(n, params.max_fit_images)} normal training images")
+            cp = fit_parts(backbone, sub, params, batch_size=batch_size, use_ray=use_ray)
+        what = (f"parts = clusters {cp.kept}" if cp.kept else
+                "every cluster is background (a texture): no component level")
+        log(f"[parts] {key}: {what} ({cp.info.get('source')})")
+        out.categories[key] = cp
+    return out

@@ -96,14 +96,17 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step_num = 0
 
-    def step(self, images: Tensor, masks: list[Tensor | None] | None = None) -> dict[str, float]:
+    def step(self, images: Tensor, masks: list[Tensor | None] | None = None,
+             categories: list[str | None] | None = None) -> dict[str, float]:
+        """One optimisation step. categories ("domain/category" per image): images without masks whose category
+        the model's parts cover get their component masks from the model's own backbone pass."""
         m, cfg = self.model, self.cfg
         m.train()
         t0 = time.perf_counter()
         mixed = autocast(images.device, self.precision)
         images_ae = color_jitter(images, cfg.jitter, self.generator)
         with mixed:
-            out = m(images, masks, images_ae, step=self.step_num)
+            out = m(images, masks, images_ae, step=self.step_num, categories=categories)
             losses = m.losses(out, self.step_num)
         t1 = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
@@ -119,7 +122,7 @@ class Trainer:
         pairs = out.eir_pairs
         if self.reference_mode:  # reference: a second full forward only to feed the estimator
             with torch.no_grad(), mixed:
-                pairs = m(images, masks, images_ae, step=self.step_num).eir_pairs
+                pairs = m(images, out.masks, images_ae, step=self.step_num).eir_pairs
         est = torch.zeros(())
         # Data parallel: every rank joins the estimator's gradient average, also a rank whose batch gave no expert
         # pair (it contributes zeros). Skipping it there left the ranks in different collectives: gloo aborted
@@ -164,12 +167,12 @@ def fit(model: AnomalyMoE, batches: Callable[[], Iterator[tuple[Tensor, list | N
     start = time.perf_counter()
     while trainer.step_num < trainer.cfg.steps:
         try:
-            images, masks = next(it)
+            images, masks, *rest = next(it)
         except StopIteration:
             it = batches()
             continue
         images, masks = to_device((images, masks), device)
-        rec = trainer.step(images, masks)
+        rec = trainer.step(images, masks, rest[0] if rest else None)
         history.append(rec)
         bar.update(1)
         if budget_s and trainer.step_num == probe:

@@ -3,9 +3,11 @@ model URI names, decode the request bodies, run one forward pass for the batch, 
 (DESIGN.md §5): raw and normalised score, threshold, verdict, the per-level contributions and the routing that
 explain it, and optionally the anomaly map as a base64 PNG overlay.
 
-Requests are scored without component masks: those come from `jobs/segment.py`'s per-category clusters,
-which an artifact does not carry yet, so the component experts sit out and the patch and global levels score
-(the same as `jobs/evaluate.py` on data without component masks).
+A request is scored exactly as `jobs/evaluate.py` scores the same image: the model derives its component masks
+from its own backbone pass with the segmentation the artifact carries (models/parts.py), and the calibration is
+the one fitted on that same path. A request without `?category=` in a domain of several categories gets the
+category whose prototype (mean image embedding, fitted at calibration) is nearest; the answer says which and how
+sure. The component level's explanation names the part slot that drove it and whether that part was missing.
 
 Device: a replica with `scorer_gpus` loads the model on CUDA and runs each batch under bf16 autocast, then
 brings the answer back to the host in fp32; on the CPU it runs in fp32 exactly as the evaluation does (bf16
@@ -125,7 +127,8 @@ def decode(data: bytes, frame: Frame) -> torch.Tensor:
 
 
 def category_key(loaded: Loaded, domain: str, category: str | None) -> str | None:
-    """The calibration key for a request's ?category= (``domain/category``); None → the pooled threshold."""
+    """The calibration key for a request's ?category= (``domain/category``); None → inferred from the image when the
+    model has category prototypes for the domain (`predict`), else the pooled threshold."""
     if not category:
         return None
     key = category if "/" in category else f"{domain}/{category}"
@@ -135,11 +138,23 @@ def category_key(loaded: Loaded, domain: str, category: str | None) -> str | Non
     return key
 
 
-def overlay_png(image: torch.Tensor, amap: torch.Tensor, norm: ScoreNorm | None, alpha: float = 0.5) -> str:
+def outlines(masks: torch.Tensor, size: int) -> torch.Tensor:
+    """[K, H, W] bool part masks -> [K, size, size] bool one-pixel outlines (the mask minus its 3x3 erosion)."""
+    m = masks.float()[:, None]
+    if m.shape[-1] != size:
+        m = torch.nn.functional.interpolate(m, size=(size, size), mode="nearest")
+    eroded = -torch.nn.functional.max_pool2d(-m, 3, stride=1, padding=1)
+    return ((m > 0) & (eroded <= 0))[:, 0]
+
+
+def overlay_png(image: torch.Tensor, amap: torch.Tensor, norm: ScoreNorm | None, alpha: float = 0.5,
+                parts: torch.Tensor | None = None, highlight: int | None = None) -> str:
     """The anomaly map over the image as a base64 PNG. Colours are in the units of `normalized_score`: dark blue
     at or below the median normal image's score, the middle of the scale (green) at the category's threshold,
     red at twice as far. So a normal image stays blue and only what scores like an anomaly lights up. Without a
-    calibration the scale runs from 0 to max(1, peak), as in the evaluation panels."""
+    calibration the scale runs from 0 to max(1, peak), as in the evaluation panels. `parts` ([K, H, W] masks):
+    their outlines are drawn in white, the `highlight` slot's (the one that drove the component score) in
+    magenta."""
     from matplotlib import colormaps
 
     m = amap.float().numpy()
@@ -152,6 +167,11 @@ def overlay_png(image: torch.Tensor, amap: torch.Tensor, norm: ScoreNorm | None,
     rgb = image.permute(1, 2, 0).clamp(0, 1).numpy()
     heat = colormaps["jet"](level)[..., :3]
     out = ((1 - alpha) * rgb + alpha * heat) * 255
+    if parts is not None and parts.numel():
+        edges = outlines(parts.cpu(), m.shape[-1]).numpy()
+        out[edges.any(0)] = (255, 255, 255)
+        if highlight is not None and 0 <= highlight < edges.shape[0]:
+            out[edges[highlight]] = (255, 0, 255)
     buf = io.BytesIO()
     Image.fromarray(out.round().astype(np.uint8)).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
@@ -175,13 +195,40 @@ def _host(x: Any) -> Any:
     return x
 
 
-def predict(model: AnomalyMoE, images: torch.Tensor, categories: list[str | None]) -> Prediction:
+def predict(model: AnomalyMoE, images: torch.Tensor, categories: list[str | None],
+            candidates: list[str] | None = None) -> Prediction:
     """One forward pass on the model's device, in the device's precision (AnomalyMoE.predict: fp32 on the CPU,
-    bit-equal to the evaluation; bf16 autocast on CUDA, as calibration ran there), the result on the host."""
+    bit-equal to the evaluation; bf16 autocast on CUDA, as calibration ran there), the result on the host.
+    A None category is inferred among `candidates` (the domain's calibrated categories)."""
     device = next(model.parameters()).device
     if device.type != "cuda":
-        return model.predict(images, None, categories)
-    return _host(model.predict(images.to(device), None, categories))
+        return model.predict(images, None, categories, candidates=candidates)
+    return _host(model.predict(images.to(device), None, categories, candidates=candidates))
+
+
+def domain_categories(model: AnomalyMoE, domain: str) -> list[str]:
+    """The calibrated "domain/category" keys of one domain (what a request's category is inferred among)."""
+    return sorted(k for k in model.calibration.prototypes if k.startswith(f"{domain}/"))
+
+
+def part_explanation(model: AnomalyMoE, p: Prediction, b: int) -> dict[str, Any] | None:
+    """The part slot that drove image b's component score: its slot index, the segmentation cluster it is, its
+    slot-normalised score (1 = the slot's high normal quantile) as the larger of how the part looks (the component
+    experts) and where it is (its layout score), which of the two it was, whether the part was missing (an empty
+    slot) and the share of the image it covers. None where the image had no component slots."""
+    scores = p.component_scores[b] if b < len(p.component_scores) else None
+    cat = p.categories[b] if b < len(p.categories) else None
+    if scores is None or not scores.numel() or not model.parts.covers(cat):
+        return None
+    looks = torch.nan_to_num(scores.float(), nan=0.0)
+    where = p.layout_scores[b].float() if b < len(p.layout_scores) else torch.zeros_like(looks)
+    both = torch.maximum(looks, where)
+    i = int(both.argmax())
+    mask = p.masks[b][i]
+    return {"slot": i, "cluster": int(model.parts.categories[cat].kept[i]), "score": _f(float(both[i])),
+            "appearance_score": _f(float(looks[i])), "layout_score": _f(float(where[i])),
+            "driven_by": "layout" if where[i] > looks[i] else "appearance",
+            "missing": not bool(mask.any()), "area": round(float(mask.float().mean()), 5)}
 
 
 def score_batch(loaded: Loaded, items: list[dict[str, Any]], domain: str, variant: str | None = None
@@ -191,6 +238,7 @@ def score_batch(loaded: Loaded, items: list[dict[str, Any]], domain: str, varian
     t0 = time.time()
     out: list[dict[str, Any] | None] = [None] * len(items)
     images, cats, keep = [], [], []
+    candidates = domain_categories(loaded.model, domain)
     for i, it in enumerate(items):
         try:
             cat = category_key(loaded, domain, it.get("category"))
@@ -202,22 +250,27 @@ def score_batch(loaded: Loaded, items: list[dict[str, Any]], domain: str, varian
         keep.append(i)
     t1 = time.time()
     if keep:
-        p = predict(loaded.model, torch.stack(images), cats)
+        p = predict(loaded.model, torch.stack(images), cats, candidates)
         t2 = time.time()
         routing = p.routing
         names = [f"{lv}.{j}" for lv in LEVELS for j in range(routing.level_slices[lv].stop
                                                               - routing.level_slices[lv].start)]
         for b, i in enumerate(keep):
             w, sel = routing.weights[b].cpu(), routing.mask[b].cpu()
+            levels = {lv: {"used": bool(p.present[b, j]), "routing_mass": float(p.level_mass[b, j]),
+                           "score": _f(float(p.level_scores[b, j]))} for j, lv in enumerate(LEVELS)}
+            part = part_explanation(loaded.model, p, b)
+            if part is not None:
+                levels["component"]["part"] = part
             body: dict[str, Any] = {
                 "model": loaded.describe(variant),
-                "category": cats[b],
+                "category": p.categories[b],
+                "category_inference": p.category_info[b],
                 "score": float(p.score[b]),
                 "normalized_score": _f(float(p.normalized_score[b])),
                 "is_anomaly": bool(p.is_anomaly[b]),
                 "threshold": _f(float(p.threshold[b])),
-                "levels": {lv: {"used": bool(p.present[b, j]), "routing_mass": float(p.level_mass[b, j]),
-                                "score": _f(float(p.level_scores[b, j]))} for j, lv in enumerate(LEVELS)},
+                "levels": levels,
                 "experts": sorted(({"expert": names[e], "weight": float(w[e])} for e in np.flatnonzero(sel.numpy())),
                                   key=lambda x: -x["weight"]),
                 "timings_ms": {"queue": round(1000 * (t0 - items[i]["enqueued"]), 2),
@@ -225,8 +278,9 @@ def score_batch(loaded: Loaded, items: list[dict[str, Any]], domain: str, varian
                                "model": round(1000 * (t2 - t1), 2), "batch_size": len(keep)},
             }
             if items[i].get("map"):
-                norm = loaded.model.calibration.for_category(cats[b])
-                body["anomaly_map"] = {"png_base64": overlay_png(images[b], p.anomaly_map[b], norm),
+                norm = loaded.model.calibration.for_category(p.categories[b])
+                body["anomaly_map"] = {"png_base64": overlay_png(images[b], p.anomaly_map[b], norm, parts=p.masks[b],
+                                                                 highlight=None if part is None else part["slot"]),
                                        "size": int(p.anomaly_map.shape[-1]), "peak": float(p.anomaly_map[b].max())}
             out[i] = body
     return out  # type: ignore[return-value]

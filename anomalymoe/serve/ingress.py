@@ -64,10 +64,34 @@ class ModelInfo(BaseModel):
     variant: str | None = None
 
 
+class PartInfo(BaseModel):
+    """The part slot that drove the component level (inference.part_explanation)."""
+
+    slot: int
+    cluster: int
+    score: float | None = None
+    appearance_score: float | None = None
+    layout_score: float | None = None
+    driven_by: str
+    missing: bool
+    area: float
+
+
 class LevelInfo(BaseModel):
     used: bool
     routing_mass: float
     score: float | None = None
+    part: PartInfo | None = None  # component level only
+
+
+class CategoryInference(BaseModel):
+    """How a request without ?category= was assigned one: the nearest prototype among the domain's categories."""
+
+    inferred: bool
+    confidence: float
+    similarity: float
+    margin: float | None = None
+    in_distribution: bool
 
 
 class ExpertWeight(BaseModel):
@@ -85,6 +109,7 @@ class ScoreResponse(BaseModel):
     request_id: str
     model: ModelInfo
     category: str | None = None
+    category_inference: CategoryInference | None = None
     score: float
     normalized_score: float | None = None
     is_anomaly: bool

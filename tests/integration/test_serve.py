@@ -1,8 +1,10 @@
 """The scoring service over real HTTP on 127.0.0.1: Ray Serve (`serve.run` through anomalymoe.serve.app.deploy) on
 the session's Ray head, models from the session's MLflow server (artifacts in SeaweedFS), tenants in S3.
 
-One application with two scorer replicas serves a tiny calibrated model (v1, champion) trained on demo textures;
-v2 is promoted during a request loop; v3 is tenant beta's own variant. Tests run in file order (the promotion is
+One application with two scorer replicas serves a tiny calibrated model (v1, champion) of the demo's objects (two
+categories, normal / logical / component test images) with part segmentation inside the model, so every request
+is scored with its component level and, without ?category=, with an inferred category; v2 is promoted during a
+request loop; v3 is tenant beta's own variant. Tests run in file order (the promotion is
 last). The domain is called `servetest`: the registry is the session's, and anomalymoe-textures belongs to the
 training job tests (which expect no champion before theirs)."""
 
@@ -83,11 +85,13 @@ def service(ray_head, mlflow_server, s3, tmp_path_factory):
 
     from anomalymoe.models.anomalymoe import AnomalyMoE
     from anomalymoe.models.config import presets
+    from anomalymoe.models.parts import Parts
     from anomalymoe.platform import registry
     from anomalymoe.platform.data import resolve_data
-    from anomalymoe.platform.demo_data import generate_textures
+    from anomalymoe.platform.demo_objects import generate_objects
     from anomalymoe.platform.local_proc import free_port
-    from anomalymoe.platform.pipeline import load_rows
+    from anomalymoe.platform.pipeline import load_rows, row_keys
+    from anomalymoe.platform.segmentation import SegmentParams, fit_parts, part_params
     from anomalymoe.serve import app
     from anomalymoe.serve.config import Autoscaling, DomainConfig, Limits, RateLimit, ServeConfig
     from anomalymoe.serve.tenants import TenantStore
@@ -97,16 +101,23 @@ def service(ray_head, mlflow_server, s3, tmp_path_factory):
         for k, v in {**s3.env(), "MLFLOW_TRACKING_URI": mlflow_server.uri, "RAY_AUTH_MODE": "disabled"}.items():
             mp.setenv(k, v)
         root = tmp / DOMAIN
-        generate_textures(root, n_train=4, n_test_good=3, n_test_defect_per_type=1, image_size=64,
-                          categories=("brick",))
+        generate_objects(root, n_train=4, n_test_good=2, n_test_defect_per_type=1, image_size=64)
         df, _ = resolve_data([f"{DOMAIN}={root}"])
         train = df[df["split"] == "train"]
         versions = {}
         for name, seed in (("v1", 0), ("v2", 1), ("v3", 2)):
             torch.manual_seed(seed)
             model = AnomalyMoE(presets()["test-tiny"]).eval()
-            images, masks = load_rows(train, model.cfg.backbone.img_size)
-            model.fit_calibration([(images, masks, (train["domain"] + "/" + train["category"]).tolist())])
+            # parts inside the model (the tiny random backbone's clusters; every cluster kept as a part slot, so the
+            # component level is in every answer)
+            seg = SegmentParams(k=3, out_size=64, per_image=8)
+            model.parts = Parts(part_params(seg))
+            for key, sub in df.groupby(df["domain"] + "/" + df["category"]):
+                cp = fit_parts(model.backbone, sub, seg)
+                cp.kept = list(range(cp.k))
+                model.parts.categories[key] = cp
+            images, _ = load_rows(train, model.cfg.backbone.img_size)
+            model.fit_calibration([(images, None, row_keys(train))])
             versions[name] = _register(model, df, tmp / name)
         registry.client().set_registered_model_alias(registry.model_name(DOMAIN), registry.CHAMPION, versions["v1"])
 
@@ -201,9 +212,9 @@ def test_bad_input_is_refused_and_service_keeps_serving(service):
         assert ok.status_code == 200 and ok.json()["score"] == pytest.approx(s.score("alpha").json()["score"]), name
     # multipart upload with the category in the form
     r = requests.post(f"{s.url}/v1/{DOMAIN}/score?map=true", files={"image": ("x.png", good, "image/png")},
-                      data={"category": "brick"}, headers={"Authorization": f"Bearer {s.keys['alpha']}"}, timeout=60)
+                      data={"category": "tray"}, headers={"Authorization": f"Bearer {s.keys['alpha']}"}, timeout=60)
     body = r.json()
-    assert r.status_code == 200 and body["category"] == f"{DOMAIN}/brick"
+    assert r.status_code == 200 and body["category"] == f"{DOMAIN}/tray" and body["category_inference"] is None
     overlay = Image.open(io.BytesIO(__import__("base64").b64decode(body["anomaly_map"]["png_base64"])))
     assert overlay.format == "PNG" and overlay.size[0] == body["anomaly_map"]["size"]
     r = s.score("alpha", params="?category=nope")
@@ -318,6 +329,10 @@ def test_health_ready_metrics(service):
 
 # ------------------------------------------------------------------------------------------------ 6. == evaluate.py
 def test_http_score_equals_evaluate_job(service, tmp_path):
+    """Every objects test image (normal, logical, component) answers over HTTP exactly the row jobs/evaluate.py
+    writes for it on the same model: score, normalised score, verdict, threshold, every level's score and the
+    experts; with ?category= and, for a domain of two categories, without it (the category inferred from the
+    image, and the right one)."""
     s = service
     out = tmp_path / "eval"
     env = dict(os.environ)  # MLFLOW_TRACKING_URI of the session's server (set for this module)
@@ -327,13 +342,25 @@ def test_http_score_equals_evaluate_job(service, tmp_path):
     import pandas as pd
 
     rows = pd.read_csv(out / "scores.csv")
-    assert len(rows) >= 4
+    assert set(rows["defect_group"].fillna("")) == {"", "logical", "component"} and rows["category"].nunique() == 2
     for row in rows.itertuples():
-        r = s.score("alpha", data=Path(row.uri).read_bytes(), params=f"?category={row.category}")
-        body = r.json()
-        assert body["score"] == pytest.approx(row.score, rel=1e-4, abs=1e-5), row.uri
-        assert body["is_anomaly"] == bool(row.is_anomaly)
-        assert body["threshold"] == pytest.approx(row.threshold)
+        data = Path(row.uri).read_bytes()
+        for params in (f"?category={row.category}", ""):
+            body = s.score("alpha", data=data, params=params).json()
+            assert body["category"] == f"{DOMAIN}/{row.category}", (row.uri, params, body.get("category_inference"))
+            assert body["score"] == pytest.approx(row.score, rel=1e-4, abs=1e-5), (row.uri, params)
+            assert body["normalized_score"] == pytest.approx(row.normalized_score, rel=1e-4, abs=1e-4)
+            assert body["is_anomaly"] == bool(row.is_anomaly) and body["threshold"] == pytest.approx(row.threshold)
+            for lv, info in body["levels"].items():
+                assert (info["score"] is None) == np.isnan(getattr(row, f"level_{lv}"))
+                if info["score"] is not None:
+                    assert info["score"] == pytest.approx(getattr(row, f"level_{lv}"), rel=1e-4, abs=1e-5), lv
+            assert body["levels"]["component"]["used"] and "part" in body["levels"]["component"]
+            assert sorted(int(e["expert"].split(".")[1]) + {"patch": 0, "global": 3, "component": 6}[
+                e["expert"].split(".")[0]] for e in body["experts"]) == sorted(int(x) for x in row.experts.split(","))
+            if not params:
+                inf = body["category_inference"]
+                assert inf["inferred"] and 0.5 < inf["confidence"] <= 1.0 and inf["margin"] is not None
 
 
 # ------------------------------------------------------------------------------------------------ 5. promotion

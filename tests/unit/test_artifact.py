@@ -128,7 +128,9 @@ def test_config_and_calibration_json(saved):
     assert meta["num_trainable_tensors"] == len(keys) == len(model.trainable_state_dict())
     cal = json.loads((d / "calibration.json").read_text())
     assert cal == model.calibration.to_dict()
-    assert set(cal) == {"levels", "scores", "components"} and set(cal["scores"]) == {"a", "b", "_default"}
+    assert set(cal) == {"levels", "scores", "components", "prototypes", "layouts"}
+    assert set(cal["scores"]) == {"a", "b", "_default"}
+    assert set(cal["prototypes"]) == {"a", "b"}  # one CLS prototype per calibrated category
     # component slot norms per category: both categories have images with two slots
     assert {k: len(v) for k, v in cal["components"].items()} == {"a": 2, "b": 2}
     assert any(n["low"] > 0 and n["high"] > n["low"] for v in cal["components"].values() for n in v)

@@ -238,8 +238,8 @@ def test_local_epochs_decoded_ahead_in_threads_give_the_same_batches(image_frame
     plain = list(next(local_epochs(image_frame, 14, 4, seed=3, epoch_size=12)))
     ahead = list(next(local_epochs(image_frame, 14, 4, seed=3, epoch_size=12, threads=2, depth=2)))
     assert len(plain) == len(ahead) == 3
-    for (a, _), (b, _) in zip(plain, ahead, strict=True):
-        assert torch.equal(a, b)
+    for (a, _, ka), (b, _, kb) in zip(plain, ahead, strict=True):
+        assert torch.equal(a, b) and ka == kb  # the same images with the same "domain/category" keys
 
 
 def test_prefetch_raises_the_producers_error_where_it_happened():

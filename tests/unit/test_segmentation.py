@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from anomalymoe.models import parts
 from anomalymoe.models.backbone import Backbone
 from anomalymoe.platform import segmentation as seg
 from anomalymoe.platform import storage
@@ -96,7 +97,7 @@ def test_guided_filter_keeps_the_guides_edge():
     s, r = 32, 3
     step = torch.zeros(1, 1, s, s)
     step[..., s // 2 :] = 1.0
-    box = seg._box(step, r)
+    box = parts._box(step, r)
     guided = guided_filter(step, step, r=r, eps=1e-3)
     assert guided.shape == step.shape
     edge = slice(s // 2 - r, s // 2 + r)
@@ -109,7 +110,7 @@ def test_guided_filter_keeps_the_guides_edge():
     flat = (..., slice(None), slice(0, s // 2 - r - 1))
     assert out[flat].std() < 0.6 * noisy[flat].std()
     assert torch.equal(out[0, 0] > 0.5, step[0, 0] > 0.5)
-    assert (out - step)[..., edge].abs().max() < 0.5 * (seg._box(noisy, r) - step)[..., edge].abs().max()
+    assert (out - step)[..., edge].abs().max() < 0.5 * (parts._box(noisy, r) - step)[..., edge].abs().max()
 
 
 def test_assign_labels_in_range_and_follow_the_features():

@@ -292,7 +292,11 @@ def test_score_batch_answers_each_item_and_isolates_bad_ones(loaded):
     # the same image scores the same alone as in a batch
     alone = score_batch(loaded, [dict(items[0], map=False)], "textures")[0]
     assert alone["score"] == pytest.approx(ok["score"], rel=1e-4, abs=1e-5)  # float sums differ by batch
-    assert out[3]["category"] is None and out[3]["threshold"] is not None  # the pooled threshold
+    # no ?category=: the nearest category prototype of the domain (here its only one), said in the answer
+    assert out[3]["category"] == "textures/brick" and out[3]["threshold"] is not None
+    inf = out[3]["category_inference"]
+    assert inf["inferred"] and inf["confidence"] == pytest.approx(1.0) and inf["margin"] is None
+    assert ok["category_inference"] is None  # a given category is not inferred
 
 
 @pytest.mark.gpu

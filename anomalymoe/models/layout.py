@@ -1,0 +1,126 @@
+"""Part layout: where each part slot of a category normally is, and how far an image's parts are from it.
+
+The component experts reconstruct what a part *looks like* (its mean feature); a part that is missing, extra, moved
+or swapped with another can look perfectly normal. What changes is *where* the slot's pixels are. Calibration fits,
+per category and slot, the slot's occupancy prior on a coarse grid (the mean of its masks over normal images,
+blurred by one cell so jitter and small shifts stay "expected"), then scores every normal image's slot by its
+**unexpected occupancy**: the slot's coverage where the prior says it never is (prior < LOW), plus the missing
+coverage where the prior says it always is (prior > HIGH), as a share of the slot's normal area. The normal range of
+that share (median, high quantile) puts it on the component level's slot scale (0 = a median normal image, 1 = the
+high quantile), and the unexpected cells are where the layout score is painted: an extra or moved part lights up
+where it is, a missing one where it should be.
+
+Nothing here knows a dataset's parts: the slots are the segmentation's clusters, the statistics are fitted on normal
+images only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+GRID = 32  # the prior's side (7 px cells at 224 px)
+LOW, HIGH = 0.05, 0.95  # prior levels that count as "never" / "always" there
+MIN_SPREAD = 0.05  # a normal range narrower than 5% of the slot's area is widened to it
+
+
+def coverage(masks: Tensor, grid: int = GRID) -> Tensor:
+    """[K, H, W] bool masks -> [K, grid, grid] float32 share of each cell covered."""
+    if masks.shape[0] == 0:
+        return masks.new_zeros(0, grid, grid, dtype=torch.float32)
+    return F.adaptive_avg_pool2d(masks.float()[:, None], (grid, grid))[:, 0]
+
+
+def blur(x: Tensor, sigma: float = 1.0) -> Tensor:
+    """Gaussian blur of [K, G, G] maps (replicate padding), in cells."""
+    r = max(1, int(round(2 * sigma)))
+    t = torch.arange(-r, r + 1, dtype=torch.float32, device=x.device)
+    g = torch.exp(-(t**2) / (2 * sigma**2))
+    g = g / g.sum()
+    y = F.pad(x[:, None], (r, r, r, r), mode="replicate")
+    y = F.conv2d(y, g.view(1, 1, 1, -1))
+    return F.conv2d(y, g.view(1, 1, -1, 1))[:, 0]
+
+
+def unexpected(cov: Tensor, prior: Tensor) -> Tensor:
+    """[K, G, G]: coverage where the prior says never, plus missing coverage where it says always."""
+    return cov * (prior < LOW) + (1 - cov) * (prior > HIGH)
+
+
+def raw_scores(cov: Tensor, prior: Tensor) -> Tensor:
+    """[K] unexpected occupancy as a share of the slot's normal area (the prior's mass)."""
+    return unexpected(cov, prior).flatten(1).sum(1) / prior.flatten(1).sum(1).clamp_min(1.0)
+
+
+@dataclass(eq=False)
+class SlotLayout:
+    prior: Tensor  # [G, G] float32
+    low: float  # median normal raw score
+    high: float  # its high quantile (low + spread)
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, SlotLayout) and torch.equal(self.prior, other.prior) and self.low == other.low
+                and self.high == other.high)
+
+    def to_dict(self) -> dict:
+        return {"prior": self.prior.tolist(), "low": self.low,
+                "high": self.high}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SlotLayout:
+        return cls(torch.tensor(d["prior"], dtype=torch.float32), float(d["low"]), float(d["high"]))
+
+
+def fit_layouts(covs: dict[str, list[Tensor]], quantile: float) -> dict[str, list[SlotLayout]]:
+    """covs: per category, each normal image's [K, G, G] slot coverage (K = the category's slots). Returns per
+    category one SlotLayout per slot."""
+    out = {}
+    for cat, rows in covs.items():
+        if not rows or rows[0].shape[0] == 0:
+            continue
+        stack = torch.stack(rows)  # [N, K, G, G]
+        prior = blur(stack.mean(0))
+        raw = torch.stack([raw_scores(c, prior) for c in stack]).numpy()  # [N, K]
+        slots = []
+        for k in range(stack.shape[1]):
+            lo = float(np.median(raw[:, k]))
+            hi = float(np.quantile(raw[:, k], quantile))
+            slots.append(SlotLayout(prior[k], lo, lo + max(hi - lo, MIN_SPREAD)))
+        out[cat] = slots
+    return out
+
+
+def layout_rows(layouts: dict[str, list[SlotLayout]], categories: list[str | None], counts: list[int]
+                ) -> tuple[Tensor, Tensor] | None:
+    """([sum counts, G, G] priors, [sum counts, 2] (low, high)) for every component row of a batch; rows of a
+    category or slot without a layout get an all-0.5 prior (never "never", never "always": no layout score)."""
+    if not layouts:
+        return None
+    priors, norms = [], []
+    for c, n in zip(categories, counts, strict=True):
+        slots = layouts.get(c or "", [])
+        for i in range(n):
+            if i < len(slots):
+                priors.append(slots[i].prior)
+                norms.append((slots[i].low, slots[i].high))
+            else:
+                priors.append(torch.full((GRID, GRID), 0.5))
+                norms.append((0.0, 1.0))
+    if not priors:
+        return None
+    return torch.stack(priors), torch.tensor(norms, dtype=torch.float32).reshape(-1, 2)
+
+
+def score_and_region(masks: Tensor, priors: Tensor, norms: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """For [K, H, W] masks with their rows' priors and norms: the slot-normalised layout score [K] (clamped at 0)
+    and the region it is painted on, [K, size, size] bool (the unexpected cells, upsampled, dilated by a cell)."""
+    priors, norms = priors.to(masks.device), norms.to(masks.device)
+    u = unexpected(coverage(masks, priors.shape[-1]), priors)
+    raw = u.flatten(1).sum(1) / priors.flatten(1).sum(1).clamp_min(1.0)
+    z = ((raw - norms[:, 0]) / (norms[:, 1] - norms[:, 0]).clamp_min(1e-6)).clamp_min(0)
+    cells = F.max_pool2d((u > 0.25).float()[:, None], 3, stride=1, padding=1)
+    region = F.interpolate(cells, size=(size, size), mode="nearest")[:, 0] > 0
+    return z, region
