@@ -38,6 +38,7 @@ from .scoring import (
     LevelNorm,
     SlotStats,
     fit_level_norms,
+    fit_level_weights,
     fit_prototypes,
     fit_score_norms,
     fit_slot_norms,
@@ -409,9 +410,9 @@ class AnomalyMoE(nn.Module):
             mk = self._stacked_masks(out, size)
             whole = torch.ones_like(mk)
             if lay is not None:
-                # a slot with a layout prior: its absence is painted where it should be (by the layout score)
-                has_prior = ((lay[0] - 0.5).abs().flatten(1).amax(1) > 0).to(mk.device)
-                whole = torch.where(has_prior[:, None, None], torch.zeros_like(mk), whole)
+                # a missing part of a slot with a layout prior is painted where the slot normally is
+                expected = layout.expected_region(lay[0].to(mk.device), size).float()
+                whole = torch.where(expected.flatten(1).any(1)[:, None, None], expected, whole)
             painted = (s * used.float())[:, None, None] * torch.where(valid[:, None, None], mk, whole)
             if lay is not None:
                 z, region = layout.score_and_region(mk > 0.5, *lay, size)
@@ -464,7 +465,8 @@ class AnomalyMoE(nn.Module):
             raw, present = self.level_maps(out, size, slot_norm, lay)
             mass = self.level_mass(out.routing)
             with fp32(images.device):  # the score and its parts: float32 whatever the experts ran in
-                fused = smooth(fuse(raw, present, mass, cal, sc), sc.smooth_kernel, sc.smooth_sigma)
+                fused = smooth(fuse(raw, present, mass, cal, sc, cal.level_weights(cats, sc)), sc.smooth_kernel,
+                               sc.smooth_sigma)
                 score = top_ratio_score(fused, sc.top_ratio)
                 level_scores = torch.stack(
                     [torch.where(present[:, i], top_ratio_score(cal.levels.get(lv, LevelNorm()).apply(raw[lv]),
@@ -491,11 +493,17 @@ class AnomalyMoE(nn.Module):
 
     @torch.no_grad()
     def fit_calibration(self, batches: Iterable[tuple[Tensor, list | None, list[str | None]]]
-                        | Callable[[], Iterable[tuple[Tensor, list | None, list[str | None]]]]) -> Calibration:
+                        | Callable[[], Iterable[tuple[Tensor, list | None, list[str | None]]]],
+                        defects: Callable[[Tensor, list, int], Tensor] | None = None) -> Calibration:
         """Fit component-slot, level and score normalisation on *normal* images (never the test split).
-        batches yield (images, masks, categories); pass a zero-argument callable to stream them twice
-        (slot statistics first), else they are held in memory. Level maps are kept in float16 between
-        the level and score fits, so memory grows with the calibration set, not with the data."""
+        batches yield (images, masks, categories); pass a zero-argument callable to stream them (slot statistics
+        first), else they are held in memory. Level maps are kept in float16 between the level and score fits, so
+        memory grows with the calibration set, not with the data.
+
+        defects(images, masks, first_index) -> defective copies: synthetic defects made from each normal image and
+        its part masks (platform/validation.synthetic_defects). With it, and ScoringConfig.fit_level_weights, each
+        category's fusion weights are chosen to separate its calibration images from their defective copies
+        (scoring.fit_level_weights) before the thresholds are fitted with them."""
         sc = self.cfg.scoring
         if not callable(batches):
             batches = (lambda held: (lambda: held))(list(batches))
@@ -510,21 +518,37 @@ class AnomalyMoE(nn.Module):
         for images, masks, cats in batches():
             p = self.predict(images, masks, cats, slots)
             cats = list(cats) if cats else [None] * images.shape[0]
-            kept.append((p.level_maps, p.present, p.level_mass, cats))
+            kept.append((p.level_maps, p.present, p.level_mass, cats, p.masks))
             embeddings.append((p.embedding, cats))
-        levels = fit_level_norms(((({k: v.float() for k, v in m.items()}), pr) for m, pr, _, _ in kept), sc)
+        levels = fit_level_norms(((({k: v.float() for k, v in m.items()}), pr) for m, pr, *_ in kept), sc)
         cal = Calibration(levels=levels, components=slots.components, prototypes=fit_prototypes(embeddings),
                           layouts=slots.layouts)
+        if defects is not None and sc.fit_level_weights and sc.fusion == "mean":
+            cal.weights = self._fit_weights(batches, kept, cal, defects)
         by_cat: dict[str, list[float]] = {}
-        for m, pr, mass, cats in kept:
-            fused = smooth(fuse({k: v.float() for k, v in m.items()}, pr, mass, cal, sc), sc.smooth_kernel,
-                           sc.smooth_sigma)
+        for m, pr, mass, cats, _ in kept:
+            fused = smooth(fuse({k: v.float() for k, v in m.items()}, pr, mass, cal, sc, cal.level_weights(cats, sc)),
+                           sc.smooth_kernel, sc.smooth_sigma)
             for c, s in zip(cats, top_ratio_score(fused, sc.top_ratio).tolist(), strict=True):
                 by_cat.setdefault(c or DEFAULT_KEY, []).append(s)
         cal.scores = fit_score_norms(by_cat, sc)
         self.calibration = cal
         return cal
 
+    def _fit_weights(self, batches: Callable[[], Iterable], kept: list, cal: Calibration,
+                     defects: Callable[[Tensor, list, int], Tensor]) -> dict[str, list[float]]:
+        """Level maps of every calibration image's defective copy, then scoring.fit_level_weights."""
+        normal, bad, first = [], [], 0
+        for (images, _, _), (m, pr, _, kcats, masks) in zip(batches(), kept, strict=True):
+            dev_masks = [None if x is None else x.to(images.device) for x in masks]
+            q = self.predict(defects(images, dev_masks, first), None, kcats, cal)
+            first += images.shape[0]
+            for i, c in enumerate(kcats):
+                if c is None:
+                    continue
+                normal.append(({lv: m[lv][i] for lv in LEVELS}, pr[i], c))
+                bad.append(({lv: q.level_maps[lv][i] for lv in LEVELS}, q.present[i], c))
+        return fit_level_weights(normal, bad, cal, self.cfg.scoring)
 
     @torch.no_grad()
     def _slot_scores(self, batches: Iterable[tuple[Tensor, list | None, list[str | None]]]

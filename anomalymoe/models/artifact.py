@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .anomalymoe import AnomalyMoE
-from .config import ModelConfig
+from .config import ModelConfig, dict_hash
 from .parts import Parts
 from .scoring import Calibration
 
@@ -85,7 +85,9 @@ def load_artifact(directory: str | Path, device: str | torch.device = "cpu") -> 
         cfg = ModelConfig.from_dict(meta["model"])
     except (KeyError, ValidationError) as e:
         raise ArtifactError(f"{d}/config.json holds no valid model config: {e}") from e
-    if cfg.config_hash() != meta.get("config_hash"):
+    # the hash of the config as stored: an artifact written before a config field was added (filled in with its
+    # default now) still loads
+    if dict_hash(meta["model"]) != meta.get("config_hash"):
         raise ArtifactError(f"{d}/config.json was edited: its hash does not match its contents")
     with safe_open(str(d / "model.safetensors"), framework="pt") as f:
         weights_hash = (f.metadata() or {}).get("config_hash")

@@ -12,6 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 LEVELS = ("patch", "global", "component")
 
 
+def dict_hash(data: dict) -> str:
+    """The config hash of a config as a plain dict (as stored in an artifact's config.json)."""
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
@@ -131,6 +137,10 @@ class ScoringConfig(_Strict):
     # occupancy prior on normal images, and a part that is missing, extra, moved or swapped scores by its
     # unexpected occupancy on the component level. Off: the component level is the experts' reconstruction alone.
     part_layout: bool = True
+    # Fit each category's fusion weights (patch, global, component) at calibration, on its normal calibration images
+    # and synthetic defects made from them (local pastes and part-level logical edits), instead of level_weights.
+    # Needs the caller to pass a defect maker (the platform's calibration does); only for fusion "mean".
+    fit_level_weights: bool = True
 
 
 class ModelConfig(_Strict):
@@ -166,8 +176,7 @@ class ModelConfig(_Strict):
 
     def config_hash(self) -> str:
         """Stable hash of everything that changes the model's outputs (weights hash included)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return dict_hash(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:

@@ -4,8 +4,8 @@ The component experts reconstruct what a part *looks like* (its mean feature); a
 or swapped with another can look perfectly normal. What changes is *where* the slot's pixels are. Calibration fits,
 per category and slot, the slot's occupancy prior on a coarse grid (the mean of its masks over normal images,
 blurred by one cell so jitter and small shifts stay "expected"), then scores every normal image's slot by its
-**unexpected occupancy**: the slot's coverage where the prior says it never is (prior < LOW), plus the missing
-coverage where the prior says it always is (prior > HIGH), as a share of the slot's normal area. The normal range of
+**unexpected occupancy**: per cell, how far the slot's coverage is from the prior beyond a tolerance (TOL: the
+disagreement jitter gives at a part's edge), summed, as a share of the slot's normal area. The normal range of
 that share (median, high quantile) puts it on the component level's slot scale (0 = a median normal image, 1 = the
 high quantile), and the unexpected cells are where the layout score is painted: an extra or moved part lights up
 where it is, a missing one where it should be.
@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 GRID = 32  # the prior's side (7 px cells at 224 px)
-LOW, HIGH = 0.05, 0.95  # prior levels that count as "never" / "always" there
+TOL = 0.25  # |coverage - prior| up to this is normal variation (a part's edge under jitter)
+NO_LAYOUT = 1e9  # the normal "median" of a row without a layout: its layout score is always 0
 MIN_SPREAD = 0.05  # a normal range narrower than 5% of the slot's area is widened to it
 
 
@@ -46,8 +47,9 @@ def blur(x: Tensor, sigma: float = 1.0) -> Tensor:
 
 
 def unexpected(cov: Tensor, prior: Tensor) -> Tensor:
-    """[K, G, G]: coverage where the prior says never, plus missing coverage where it says always."""
-    return cov * (prior < LOW) + (1 - cov) * (prior > HIGH)
+    """[K, G, G]: per cell, the slot's coverage's distance from its prior beyond TOL (a part where the slot is
+    never seen, or no part where it always is, counts up to 1 - TOL)."""
+    return ((cov - prior).abs() - TOL).clamp_min(0)
 
 
 def raw_scores(cov: Tensor, prior: Tensor) -> Tensor:
@@ -96,7 +98,8 @@ def fit_layouts(covs: dict[str, list[Tensor]], quantile: float) -> dict[str, lis
 def layout_rows(layouts: dict[str, list[SlotLayout]], categories: list[str | None], counts: list[int]
                 ) -> tuple[Tensor, Tensor] | None:
     """([sum counts, G, G] priors, [sum counts, 2] (low, high)) for every component row of a batch; rows of a
-    category or slot without a layout get an all-0.5 prior (never "never", never "always": no layout score)."""
+    category or slot without a layout get an all-0.5 prior (no expected region) and a normal range no raw score
+    reaches (no layout score)."""
     if not layouts:
         return None
     priors, norms = [], []
@@ -108,10 +111,15 @@ def layout_rows(layouts: dict[str, list[SlotLayout]], categories: list[str | Non
                 norms.append((slots[i].low, slots[i].high))
             else:
                 priors.append(torch.full((GRID, GRID), 0.5))
-                norms.append((0.0, 1.0))
+                norms.append((NO_LAYOUT, NO_LAYOUT + 1.0))
     if not priors:
         return None
     return torch.stack(priors), torch.tensor(norms, dtype=torch.float32).reshape(-1, 2)
+
+
+def expected_region(priors: Tensor, size: int) -> Tensor:
+    """[K, size, size] bool: where each row's slot is in most normal images (prior > 0.5), upsampled."""
+    return F.interpolate((priors > 0.5).float()[:, None], size=(size, size), mode="nearest")[:, 0] > 0
 
 
 def score_and_region(masks: Tensor, priors: Tensor, norms: Tensor, size: int) -> tuple[Tensor, Tensor]:
@@ -121,6 +129,6 @@ def score_and_region(masks: Tensor, priors: Tensor, norms: Tensor, size: int) ->
     u = unexpected(coverage(masks, priors.shape[-1]), priors)
     raw = u.flatten(1).sum(1) / priors.flatten(1).sum(1).clamp_min(1.0)
     z = ((raw - norms[:, 0]) / (norms[:, 1] - norms[:, 0]).clamp_min(1e-6)).clamp_min(0)
-    cells = F.max_pool2d((u > 0.25).float()[:, None], 3, stride=1, padding=1)
+    cells = F.max_pool2d((u > 0.5 - TOL).float()[:, None], 3, stride=1, padding=1)  # |coverage - prior| > 0.5
     region = F.interpolate(cells, size=(size, size), mode="nearest")[:, 0] > 0
     return z, region

@@ -65,6 +65,9 @@ class Calibration:
     prototypes: dict[str, dict] = field(default_factory=dict)
     # per category: where each component slot normally is (models/layout.py), one SlotLayout per slot
     layouts: dict[str, list[SlotLayout]] = field(default_factory=dict)
+    # per category: fusion weights of the levels (patch, global, component), fitted on normal images and synthetic
+    # defects made from them (fit_level_weights); a category without an entry uses ScoringConfig.level_weights
+    weights: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def fitted(self) -> bool:
@@ -121,6 +124,7 @@ class Calibration:
                            for k, v in self.components.items()},
             "prototypes": self.prototypes,
             "layouts": {k: [sl.to_dict() for sl in v] for k, v in self.layouts.items()},
+            "weights": self.weights,
         }
 
     @classmethod
@@ -134,7 +138,13 @@ class Calibration:
             prototypes={k: {"vector": [float(x) for x in v["vector"]], "floor": float(v["floor"])}
                         for k, v in d.get("prototypes", {}).items()},
             layouts={k: [SlotLayout.from_dict(x) for x in v] for k, v in d.get("layouts", {}).items()},
+            weights={k: [float(x) for x in v] for k, v in d.get("weights", {}).items()},
         )
+
+    def level_weights(self, categories: list[str | None], cfg: ScoringConfig) -> Tensor:
+        """[B, 3] fusion weights per image: its category's fitted weights, else the config's."""
+        default = [cfg.level_weights.get(lv, 1.0) for lv in LEVELS]
+        return torch.tensor([self.weights.get(c or DEFAULT_KEY, default) for c in categories], dtype=torch.float32)
 
 
 def gaussian_kernel(size: int, sigma: float, device=None, dtype=torch.float32) -> Tensor:
@@ -161,19 +171,23 @@ def top_ratio_score(maps: Tensor, ratio: float) -> Tensor:
 
 
 def fuse(
-    level_maps: dict[str, Tensor], present: Tensor, level_mass: Tensor, cal: Calibration, cfg: ScoringConfig
+    level_maps: dict[str, Tensor], present: Tensor, level_mass: Tensor, cal: Calibration, cfg: ScoringConfig,
+    weights: Tensor | None = None,
 ) -> Tensor:
     """One map from the level maps the router used. Each level is first put on a common scale by its
     normal-image quantiles (EfficientAD), then combined by the configured rule:
-    mean: sum_l w_l * m_l / sum_l w_l over used levels; max: pixel-wise max over used levels;
+    mean: sum_l w_l * m_l / sum_l w_l over used levels (w: `weights` [B, 3] per image, e.g. its category's fitted
+    ones, else the config's level_weights); max: pixel-wise max over used levels;
     routing: levels weighted by their routing mass (the reference's intent, without test statistics)."""
     normed = torch.stack([cal.levels.get(lv, LevelNorm()).apply(level_maps[lv]) for lv in LEVELS], 1)  # [B,3,H,W]
     used = present.to(normed.dtype)[:, :, None, None]
     if cfg.fusion == "max":
         return torch.where(used.bool(), normed, torch.full_like(normed, -math.inf)).amax(1)
     if cfg.fusion == "mean":
-        w = torch.tensor([cfg.level_weights.get(lv, 1.0) for lv in LEVELS], dtype=normed.dtype,
-                         device=normed.device)[None, :, None, None] * used
+        if weights is None:
+            weights = torch.tensor([[cfg.level_weights.get(lv, 1.0) for lv in LEVELS]])
+        w = weights.to(normed.device, normed.dtype)[:, :, None, None] * used
+        w = torch.where(w.sum(1, keepdim=True) > 0, w, used)  # weight 0 on every used level: their plain mean
     else:
         w = level_mass.to(normed.dtype)[:, :, None, None] * used
     return (normed * w).sum(1) / w.sum(1).clamp_min(1e-12)
@@ -280,4 +294,40 @@ def fit_prototypes(embeddings: Iterable[tuple[Tensor, list[str | None]]]) -> dic
         x = torch.stack(rows)
         v = F.normalize(x.mean(0), dim=0)
         out[c] = {"vector": v.tolist(), "floor": float((x @ v).min())}
+    return out
+
+
+WEIGHT_GRID = (0.0, 0.5, 1.0, 2.0)
+
+
+def fit_level_weights(normal: list[tuple[dict[str, Tensor], Tensor, str]], defective: list[tuple[dict[str, Tensor],
+                      Tensor, str]], cal: Calibration, cfg: ScoringConfig, min_images: int = 4
+                      ) -> dict[str, list[float]]:
+    """Per category: the fusion weights (patch, global, component) from WEIGHT_GRID that best separate its normal
+    images from their synthetic defects (image AUROC of the fused, smoothed top-ratio score); ties go to the weights
+    nearest equal ones. Inputs are (raw level maps of one image [3 x (H, W)], present [3], category) on normal and
+    defective copies. A category with fewer than `min_images` of either keeps the config's weights."""
+    from itertools import product
+
+    from sklearn.metrics import roc_auc_score
+
+    out = {}
+    cats = sorted({c for _, _, c in normal})
+    combos = [w for w in product(WEIGHT_GRID, repeat=len(LEVELS)) if sum(w) > 0]
+    for cat in cats:
+        rows = [(m, p, 0) for m, p, c in normal if c == cat] + [(m, p, 1) for m, p, c in defective if c == cat]
+        if sum(lab == 0 for *_, lab in rows) < min_images or sum(lab == 1 for *_, lab in rows) < min_images:
+            continue
+        maps = {lv: torch.stack([m[lv] for m, _, _ in rows]).float() for lv in LEVELS}
+        present = torch.stack([p for _, p, _ in rows])
+        labels = [lab for *_, lab in rows]
+        best, best_key = None, None
+        for w in combos:
+            fused = smooth(fuse(maps, present, present.float(), cal, cfg, torch.tensor([w]).expand(len(rows), -1)),
+                           cfg.smooth_kernel, cfg.smooth_sigma)
+            auc = roc_auc_score(labels, top_ratio_score(fused, cfg.top_ratio).numpy())
+            key = (round(auc, 6), -sum((x - 1.0) ** 2 for x in w))
+            if best_key is None or key > best_key:
+                best, best_key = list(w), key
+        out[cat] = best
     return out

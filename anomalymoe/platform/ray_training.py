@@ -508,14 +508,16 @@ def finish(prep: Prepared, model: AnomalyMoE, history: list[dict], run_id: str, 
     from ..models.artifact import save_artifact
     from . import registry
     from .evaluation import evaluate, metrics_table
+    from .validation import calibrate
 
     c = registry.client()
     frame = Frame.for_backbone(model.cfg.backbone)
     dev = torch.device(device)
+    model.parts = prep.model.parts  # the segmentation the workers trained with: the artifact carries it
     model.to_device(dev)
 
     print(f"[calibrate] on {len(prep.held)} held-out normal images ({dev})", flush=True)
-    model.fit_calibration(lambda: (to_device(b, dev) for b in category_batches(prep.held, frame, prep.kept)))
+    calibrate(model, lambda: (to_device(b, dev) for b in category_batches(prep.held, frame, prep.kept)))
     test = prep.df[prep.df["split"] == "test"]
     report = None
     if not test.empty:

@@ -42,6 +42,108 @@ def paste_defects(images: Tensor, seed: int, first_index: int = 0) -> tuple[Tens
     return out, masks
 
 
+LOGICAL_KINDS = ("remove", "duplicate", "move", "recolour")
+
+
+def _instances(masks: Tensor | None, lo: float = 0.002, hi: float = 0.12, extent: float = 0.35
+               ) -> list[tuple[int, np.ndarray]]:
+    """(slot, boolean mask) of every compact part instance: a connected piece of one slot's mask (closed, holes
+    filled, grown by 2 px to take the part's rim) whose area is between lo and hi of the image and which fills at
+    least `extent` of its bounding box (no thin rims or edges)."""
+    from scipy import ndimage
+
+    out = []
+    if masks is None:
+        return out
+    m = masks.cpu().numpy()
+    area = m.shape[-1] * m.shape[-2]
+    for k in range(m.shape[0]):
+        solid = ndimage.binary_fill_holes(ndimage.binary_closing(m[k], iterations=2))
+        lab, n = ndimage.label(solid)
+        for i, sl in enumerate(ndimage.find_objects(lab), start=1):
+            inst = ndimage.binary_dilation(lab == i, iterations=2)
+            box = (sl[0].stop - sl[0].start + 4) * (sl[1].stop - sl[1].start + 4)
+            if lo * area <= inst.sum() <= hi * area and inst.sum() >= extent * box:
+                out.append((k, inst))
+    return out
+
+
+def logical_defects(images: Tensor, masks: list[Tensor | None], seed: int, first_index: int = 0
+                    ) -> tuple[Tensor, Tensor, list[str]]:
+    """One synthetic *logical* defect per image, made from its own part masks (no knowledge of any dataset's parts):
+    a part instance (a connected piece of one slot's mask, 0.2-12% of the image) is removed (filled with the median
+    colour around it), duplicated onto a place where no part is, moved there, or recoloured (its colour channels
+    rotated). Seeded per image by (seed, index). An image without a usable instance gets a pasted local defect
+    (paste_defects) instead. Returns (defective images, masks [B, H, W] bool, kind per image)."""
+    from scipy import ndimage
+
+    b, _, h, w = images.shape
+    out, gt, kinds = images.clone(), torch.zeros(b, h, w, dtype=torch.bool), []
+    for i in range(b):
+        rng = np.random.default_rng([seed, 7, first_index + i])
+        inst = _instances(masks[i] if masks else None)
+        if not inst:
+            bad, bm = paste_defects(images[i : i + 1], seed, first_index + i)
+            out[i], gt[i] = bad[0], bm[0]
+            kinds.append("local")
+            continue
+        _, src = inst[int(rng.integers(len(inst)))]
+        parts = ndimage.binary_dilation(np.any([m for _, m in inst], 0), iterations=3)
+        kind = LOGICAL_KINDS[int(rng.integers(len(LOGICAL_KINDS)))]
+        img = images[i].cpu().numpy()
+        new = img.copy()
+        target = None
+        if kind in ("duplicate", "move"):
+            ys, xs = np.nonzero(src)
+            for _ in range(60):
+                dy = int(rng.integers(-ys.min(), h - ys.max()))
+                dx = int(rng.integers(-xs.min(), w - xs.max()))
+                cand = np.zeros_like(src)
+                cand[ys + dy, xs + dx] = True
+                if not (ndimage.binary_dilation(cand, iterations=3) & parts).any():
+                    target = (dy, dx, cand)
+                    break
+            if target is None:
+                kind = "remove"
+        if kind in ("remove", "move"):
+            hole = ndimage.binary_dilation(src, iterations=2)
+            ring = ndimage.binary_dilation(src, iterations=8) & ~hole & ~parts
+            fill = np.median(img[:, ring], axis=1) if ring.any() else img.reshape(3, -1).mean(1)
+            new[:, hole] = fill[:, None]
+            gt[i] |= torch.from_numpy(hole)
+        if target is not None:
+            dy, dx, cand = target
+            ys, xs = np.nonzero(src)
+            new[:, ys + dy, xs + dx] = img[:, ys, xs]
+            gt[i] |= torch.from_numpy(cand)
+        if kind == "recolour":
+            new[:, src] = img[[1, 2, 0]][:, src]
+            gt[i] |= torch.from_numpy(src)
+        out[i] = torch.from_numpy(new).to(out.device)
+        kinds.append(kind)
+    return out, gt, kinds
+
+
+def synthetic_defects(seed: int = 0) -> Callable[[Tensor, list, int], Tensor]:
+    """The defect maker calibration fits fusion weights with (AnomalyMoE.fit_calibration(defects=)): image i of the
+    stream gets a pasted local defect when i is even, a part-level logical edit (logical_defects) when odd."""
+
+    def make(images: Tensor, masks: list, first_index: int) -> Tensor:
+        local = paste_defects(images, seed, first_index)[0]
+        logical = logical_defects(images, masks, seed, first_index)[0]
+        odd = torch.tensor([(first_index + i) % 2 == 1 for i in range(images.shape[0])], device=images.device)
+        return torch.where(odd[:, None, None, None], logical.to(images.device), local)
+
+    return make
+
+
+def calibrate(model: AnomalyMoE, batches, seed: int = 0):
+    """The platform's calibration on held-out normal (images, masks, categories) batches (a list, or a callable
+    giving a fresh iterator): AnomalyMoE.fit_calibration with the synthetic defects its fusion weights are fitted on.
+    Every path that calibrates (the training job, tuning, benchmarks, validation) goes through here."""
+    return model.fit_calibration(batches, defects=synthetic_defects(seed))
+
+
 def split_batches(batches: list[Batch], seed: int) -> tuple[list[Batch], list[Batch]]:
     """Seeded half/half split of held-out batches by image (A calibrates, B is scored); both halves non-empty
     when there are two or more images."""
@@ -75,7 +177,7 @@ def validate(model: AnomalyMoE, batches: Iterable[Batch] | Callable[[], Iterable
         return [to_device(b, device) for b in batches]
 
     try:
-        model.fit_calibration(on_device(calib))
+        calibrate(model, on_device(calib), seed)
         m = AnomalyMetrics(pixel=True)
         first = 0
         for images, masks, cats in on_device(scored):

@@ -348,7 +348,7 @@ def test_http_score_equals_evaluate_job(service, tmp_path):
         for params in (f"?category={row.category}", ""):
             body = s.score("alpha", data=data, params=params).json()
             assert body["category"] == f"{DOMAIN}/{row.category}", (row.uri, params, body.get("category_inference"))
-            assert body["score"] == pytest.approx(row.score, rel=1e-4, abs=1e-5), (row.uri, params)
+            assert body["score"] == pytest.approx(row.score, rel=1e-4, abs=1e-5), (row.uri, params, body, row)
             assert body["normalized_score"] == pytest.approx(row.normalized_score, rel=1e-4, abs=1e-4)
             assert body["is_anomaly"] == bool(row.is_anomaly) and body["threshold"] == pytest.approx(row.threshold)
             for lv, info in body["levels"].items():

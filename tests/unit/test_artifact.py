@@ -128,7 +128,7 @@ def test_config_and_calibration_json(saved):
     assert meta["num_trainable_tensors"] == len(keys) == len(model.trainable_state_dict())
     cal = json.loads((d / "calibration.json").read_text())
     assert cal == model.calibration.to_dict()
-    assert set(cal) == {"levels", "scores", "components", "prototypes", "layouts"}
+    assert set(cal) == {"levels", "scores", "components", "prototypes", "layouts", "weights"}
     assert set(cal["scores"]) == {"a", "b", "_default"}
     assert set(cal["prototypes"]) == {"a", "b"}  # one CLS prototype per calibrated category
     # component slot norms per category: both categories have images with two slots
