@@ -32,6 +32,7 @@ from anomalymoe.bench.quality import bench_quality, level_aurocs  # noqa: E402
 from anomalymoe.bench.quality import table as quality_table  # noqa: E402
 from anomalymoe.models.anomalymoe import AnomalyMoE  # noqa: E402
 from anomalymoe.models.config import presets  # noqa: E402
+from anomalymoe.models.precision import device_of  # noqa: E402
 from anomalymoe.platform.trainer import TrainConfig  # noqa: E402
 
 
@@ -44,7 +45,10 @@ def bench_ablation(args) -> dict:
     from anomalymoe.platform.trainer import seed_everything, train_and_calibrate
 
     df, _ = resolve_data("demo", demo_root=args.data_root, domains=["objects"], seed=args.seed)
+    device = device_of(args.device)
     base = presets()[args.preset].model_copy(deep=True)
+    if args.weights is not None:
+        base.backbone.weights = args.weights
     variants = {"full": base}
     patch_only = base.model_copy(deep=True)
     patch_only.global_.num = patch_only.component.num = 0
@@ -57,6 +61,7 @@ def bench_ablation(args) -> dict:
         model = AnomalyMoE(cfg.model_copy(deep=True))
         if name == "full":  # part masks from the model's own backbone pass, as the training job prepares them
             model.parts = prepare_parts(model.backbone, df, SegmentParams(k=args.k, seed=args.seed))
+        model.to_device(device)  # a GPU trains in bf16 autocast (precision.py), as the training job does there
         tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                            warmup_steps=max(1, args.steps // 10), seed=args.seed)
         t = time.perf_counter()
@@ -75,7 +80,8 @@ def bench_ablation(args) -> dict:
     return {
         "benchmark": "ablation", "domain": "objects",
         "config": {"preset": args.preset, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-                   "seed": args.seed, "k": args.k},
+                   "seed": args.seed, "k": args.k, "device": str(device),
+                   "weights": base.backbone.weights},
         "results": results,
         "logical_image_auroc_gain": full.get("logical_image_auroc", float("nan"))
         - po.get("logical_image_auroc", float("nan")),
@@ -83,7 +89,8 @@ def bench_ablation(args) -> dict:
         - po.get("component_image_auroc", float("nan")),
         "peak_rss_mb": peak_rss_mb(),
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "command": f"python jobs/benchmark.py ablation --steps {args.steps} --json",
+        "command": f"python jobs/benchmark.py ablation --steps {args.steps} --device {args.device}"
+                   + (f" --weights {args.weights}" if args.weights else "") + " --json",
     }
 
 
@@ -583,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--json", action="store_true")
     a.add_argument("--out", type=Path, help="write per-variant evaluation reports and model artifacts here")
+    a.add_argument("--device", default="cpu", help="cpu | cuda | auto (a GPU trains under bf16 autocast)")
+    a.add_argument("--weights", help="backbone weights instead of the preset's (e.g. a float16 .safetensors copy)")
     a.add_argument("--variants", type=lambda s: s.split(","), default=["full", "patch_only"],
                    help="comma-separated subset of full,patch_only (default both; the gains need both)")
     q = sub.add_parser("quality", help="train on the demo data for a time budget on one device (library loop, no "

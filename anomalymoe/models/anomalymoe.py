@@ -91,6 +91,7 @@ class MoEOutput:
     global_target: Tensor | None = None  # [B, C, h, w] (rows only for samples that need it)
     eir_pairs: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     n_valid: int = 0  # comp_valid.sum(), read once on the host with the routing mask
+    comp_colour: Tensor | None = None  # [K, 3] mean RGB inside each component row's mask (NaN where empty)
 
 
 def _host_rows(col: Tensor) -> list[int]:
@@ -254,8 +255,10 @@ class AnomalyMoE(nn.Module):
                     cidx = on_device(crow)
                     comp[j] = ComponentOut(cidx, self.component_experts[j](comp_feats[cidx]))
 
+        colours = layout.slot_colours(images, masks)
         out = MoEOutput(routing, en_groups, patch, glob, comp, comp_feats, owner, valid, masks, b, feats.grid,
-                        target, n_valid=int(valid_h.sum()))
+                        target, n_valid=int(valid_h.sum()),
+                        comp_colour=torch.cat(colours) if colours else None)
         if self.training and self.cfg.loss.lambda_eir > 0:
             out.eir_pairs = self._eir_pairs(out, fused_all, ae_norm, feats)
         return out
@@ -415,7 +418,7 @@ class AnomalyMoE(nn.Module):
                 whole = torch.where(expected.flatten(1).any(1)[:, None, None], expected, whole)
             painted = (s * used.float())[:, None, None] * torch.where(valid[:, None, None], mk, whole)
             if lay is not None:
-                z, region = layout.score_and_region(mk > 0.5, *lay, size)
+                z, region = layout.score_and_region(mk > 0.5, *lay, size, out.comp_colour)
                 painted = torch.maximum(painted, (z * used.float())[:, None, None] * region)
             owner = out.comp_owner
             flat = painted.flatten(1)
@@ -482,7 +485,8 @@ class AnomalyMoE(nn.Module):
             lay_scores = torch.zeros_like(comp_scores)
             if lay is not None and comp_scores.numel():
                 with fp32(images.device):
-                    lay_scores = layout.score_and_region(self._stacked_masks(out, size), *lay, size)[0]
+                    lay_scores = layout.score_and_region(self._stacked_masks(out, size) > 0.5, *lay, size,
+                                                         out.comp_colour)[0]
             return Prediction(score.cpu(), normalized, threshold, fused.cpu(), {k: v.cpu() for k, v in raw.items()},
                               present.cpu(), level_scores.cpu(), out.routing, mass.cpu(),
                               list(comp_scores.cpu().split(counts)), cats, info,
@@ -509,11 +513,11 @@ class AnomalyMoE(nn.Module):
             batches = (lambda held: (lambda: held))(list(batches))
         slots = Calibration()
         if (sc.component_slot_norm or sc.part_layout) and self.cfg.component.num:
-            stats, covs = self._slot_scores(batches())
+            stats, (covs, cols) = self._slot_scores(batches())
             if sc.component_slot_norm:
                 slots.components = fit_slot_norms(stats, sc)
             if sc.part_layout:
-                slots.layouts = layout.fit_layouts(covs, sc.threshold_quantile)
+                slots.layouts = layout.fit_layouts(covs, sc.threshold_quantile, cols)
         kept, embeddings = [], []
         for images, masks, cats in batches():
             p = self.predict(images, masks, cats, slots)
@@ -536,40 +540,45 @@ class AnomalyMoE(nn.Module):
         return cal
 
     def _fit_weights(self, batches: Callable[[], Iterable], kept: list, cal: Calibration,
-                     defects: Callable[[Tensor, list, int], Tensor]) -> dict[str, list[float]]:
-        """Level maps of every calibration image's defective copy, then scoring.fit_level_weights."""
+                     defects: Callable[[Tensor, list, int], Tensor], variants: int = 4) -> dict[str, list[float]]:
+        """Level maps of `variants` defective copies of every calibration image (stream indices i + v * 10007, so
+        the maker's local / logical alternation gives each image both kinds), then scoring.fit_level_weights."""
         normal, bad, first = [], [], 0
         for (images, _, _), (m, pr, _, kcats, masks) in zip(batches(), kept, strict=True):
             dev_masks = [None if x is None else x.to(images.device) for x in masks]
-            q = self.predict(defects(images, dev_masks, first), None, kcats, cal)
-            first += images.shape[0]
             for i, c in enumerate(kcats):
-                if c is None:
-                    continue
-                normal.append(({lv: m[lv][i] for lv in LEVELS}, pr[i], c))
-                bad.append(({lv: q.level_maps[lv][i] for lv in LEVELS}, q.present[i], c))
+                if c is not None:
+                    normal.append(({lv: m[lv][i] for lv in LEVELS}, pr[i], c))
+            for v in range(variants):
+                q = self.predict(defects(images, dev_masks, first + v * 10007), None, kcats, cal)
+                bad += [({lv: q.level_maps[lv][i] for lv in LEVELS}, q.present[i], c) for i, c in enumerate(kcats)
+                        if c is not None]
+            first += images.shape[0]
         return fit_level_weights(normal, bad, cal, self.cfg.scoring)
 
     @torch.no_grad()
     def _slot_scores(self, batches: Iterable[tuple[Tensor, list | None, list[str | None]]]
-                     ) -> tuple[dict[str, list[SlotStats]], dict[str, list[Tensor]]]:
+                     ) -> tuple[dict[str, list[SlotStats]], tuple[dict[str, list[Tensor]], dict[str, list[Tensor]]]]:
         """Per category and slot index: raw scores of the routed, present slots, and how often the slot
-        was routed and present; and per category every image's slot coverage on the layout grid."""
+        was routed and present; and per category every image's slot coverage on the layout grid and slot colours."""
         was_training = self.training
         self.eval()
         by_cat: dict[str, list[SlotStats]] = {}
         covs: dict[str, list[Tensor]] = {}
+        cols: dict[str, list[Tensor]] = {}
         try:
             for images, masks, cats in batches:
                 with autocast(images.device, self.inference_precision):
                     out = self(images, masks, compute_targets=False, categories=cats)
                 s, used = self.component_scores(out)
                 s, used, valid = s.tolist(), used.tolist(), out.comp_valid.tolist()
+                colour = out.comp_colour.cpu() if out.comp_colour is not None else None
                 start = 0
                 for m, c in zip(out.masks, cats or [None] * images.shape[0], strict=True):
                     n = 0 if m is None else m.shape[0]
                     if n and c is not None:
                         covs.setdefault(c, []).append(layout.coverage(m).cpu())
+                        cols.setdefault(c, []).append(colour[start : start + n])
                     per = by_cat.setdefault(c or DEFAULT_KEY, [])
                     per.extend(SlotStats() for _ in range(n - len(per)))
                     for i in range(n):
@@ -587,7 +596,8 @@ class AnomalyMoE(nn.Module):
         for c, rows in covs.items():
             n = max({r.shape[0] for r in rows}, key=[r.shape[0] for r in rows].count)
             covs[c] = [r for r in rows if r.shape[0] == n]
-        return by_cat, covs
+            cols[c] = [r for r in cols[c] if r.shape[0] == n]
+        return by_cat, (covs, cols)
 
 
 @dataclass

@@ -69,20 +69,26 @@ def fit_centers(samples: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     return centers / np.linalg.norm(centers, axis=1, keepdims=True).clip(1e-12)
 
 
+PLACE_GRID = 32  # where-a-cluster-is statistics: share of each cell of a 32 x 32 grid it covers, summed over images
+
+
 @dataclass
 class ClusterStats:
-    """Per-cluster evidence accumulated over images for the background vote."""
+    """Per-cluster evidence accumulated over images for the background vote and the part test."""
 
     k: int
     images: int = 0
     border_votes: np.ndarray = field(default=None)  # images where the cluster covers >= 3 of the 4 corners
     area: np.ndarray = field(default=None)  # summed area fraction
+    place: np.ndarray = field(default=None)  # [k, G, G] summed coverage of each grid cell
 
     def __post_init__(self):
         if self.border_votes is None:
             self.border_votes = np.zeros(self.k, dtype=np.int64)
         if self.area is None:
             self.area = np.zeros(self.k, dtype=np.float64)
+        if self.place is None:
+            self.place = np.zeros((self.k, PLACE_GRID, PLACE_GRID), dtype=np.float64)
 
     def update(self, labels: np.ndarray, corner: float = 0.08) -> None:
         """labels [B, S, S] with values 1..k."""
@@ -93,22 +99,38 @@ class ClusterStats:
             touched = sum(((q == j + 1).mean((1, 2)) > 0.5).astype(np.int64) for q in corners)
             self.border_votes[j] += int((touched >= 3).sum())
             self.area[j] += float((labels == j + 1).mean((1, 2)).sum())
+            cover = torch.from_numpy((labels == j + 1).astype(np.float32))[:, None]
+            self.place[j] += F.adaptive_avg_pool2d(cover, PLACE_GRID)[:, 0].sum(0).double().numpy()
         self.images += b
 
     def merge(self, other: ClusterStats) -> None:
         self.images += other.images
         self.border_votes += other.border_votes
         self.area += other.area
+        self.place += other.place
 
-    def kept(self, min_area: float = 0.005, vote: float = 0.5, fallback: bool = True) -> list[int]:
+    def consistency(self) -> np.ndarray:
+        """[k] how much a cluster keeps to one place: the mean, over the cells it covers (weighted by coverage), of
+        the share of images covering that cell. A part at a fixed place scores near 1; a texture's cluster, spread
+        evenly, scores near its area."""
+        freq = self.place / max(self.images, 1)
+        return (freq**2).sum((1, 2)) / np.maximum(freq.sum((1, 2)), 1e-12)
+
+    def kept(self, min_area: float = 0.005, vote: float = 0.5, fallback: bool = True, localized: bool = False
+             ) -> list[int]:
         """Clusters (0-based) that are parts: not background by majority vote and not negligible. When every
         cluster is background (a texture: each one reaches the image's corners), `fallback` keeps the one least
-        often at the border; without it the category has no parts."""
+        often at the border; without it the category has no parts. `localized`: a part must also keep to a place
+        (consistency >= 0.5, or >= 3 x its area): a texture's clusters, spread evenly over every image, are none
+        (on the demo every texture cluster scores <= 0.39 and <= 1.8 x its area, every object part >= 0.41 and
+        >= 1.6 x or >= 0.5)."""
         if self.images == 0:
             return list(range(self.k))
         frac_border = self.border_votes / self.images
         mean_area = self.area / self.images
-        keep = [j for j in range(self.k) if frac_border[j] <= vote and mean_area[j] >= min_area]
+        cons = self.consistency()
+        keep = [j for j in range(self.k) if frac_border[j] <= vote and mean_area[j] >= min_area
+                and (not localized or cons[j] >= 0.5 or cons[j] >= 3 * mean_area[j])]
         return keep or ([int(np.argmin(frac_border))] if fallback else [])
 
 
@@ -330,8 +352,8 @@ def fit_parts(backbone: Backbone, rows, params: SegmentParams, *, batch_size: in
               ) -> CategoryParts:
     """Fit one category's part segmentation in memory (no label maps written): centres on coreset features of up
     to `max_fit_images` normal training images, then the background vote over all of them. The same centres and
-    kept clusters `segment_category` writes for the same rows and parameters, except that a category whose every
-    cluster is background (a texture) keeps none: it has no component level."""
+    kept clusters `segment_category` writes for the same rows and parameters, except that a cluster must also keep
+    to one place to be a part (ClusterStats.kept(localized=True)): a texture keeps none and has no component level."""
     rows = rows.sort_values("uri").reset_index(drop=True)
     fit_rows = rows[(rows["split"] == "train") & (rows["label"] == 0)]
     if fit_rows.empty:
@@ -345,12 +367,13 @@ def fit_parts(backbone: Backbone, rows, params: SegmentParams, *, batch_size: in
     stats = ClusterStats(params.k)
     for lab in labels["labels"]:
         stats.update(np.asarray(lab)[None])
-    kept = stats.kept(fallback=False)
+    kept = stats.kept(fallback=False, localized=True)
     return CategoryParts(torch.from_numpy(centers), kept, {
         "source": "fitted by the training job", "k": params.k, "images_fitted": min(len(fit_rows),
                                                                                     params.max_fit_images),
         "images_voted": stats.images, "border_votes": stats.border_votes.tolist(),
-        "mean_area": (stats.area / max(stats.images, 1)).round(4).tolist()})
+        "mean_area": (stats.area / max(stats.images, 1)).round(4).tolist(),
+        "consistency": stats.consistency().round(3).tolist()})
 
 
 def load_category_parts(image_uri: str, params: SegmentParams, backbone_hash: str | None) -> CategoryParts | None:
@@ -413,7 +436,8 @@ def prepare_parts(backbone: Backbone, manifest, params: SegmentParams, *, batch_
                 f"clusters on {min(n, params.max_fit_images)} normal training images")
             cp = fit_parts(backbone, sub, params, batch_size=batch_size, use_ray=use_ray)
         what = (f"parts = clusters {cp.kept}" if cp.kept else
-                "every cluster is background (a texture): no component level")
+                "no cluster is a part (each is background or spread over the image, as in a texture): "
+                "no component level")
         log(f"[parts] {key}: {what} ({cp.info.get('source')})")
         out.categories[key] = cp
     return out
