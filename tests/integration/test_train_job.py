@@ -112,6 +112,8 @@ def test_submitted_job_tracks_checkpoints_and_registers(ray_head, mlflow_uri, s3
     logs = client.get_job_logs(job)
     assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-4000:]
     assert "[train] step 12/12" in logs and "img/s" in logs and "ETA" in logs  # progress readable in job logs
+    # a user's dataset without jobs/segment.py output: the job fits each category's part segmentation and says so
+    assert "[parts] textures/brick: no segmentation from jobs/segment.py" in logs and "fitting 6 clusters" in logs
     summary = summary_of(logs)
     assert summary["steps"] == 12 and set(summary["versions"]) == {"textures"}
 
@@ -133,7 +135,8 @@ def test_submitted_job_tracks_checkpoints_and_registers(ray_head, mlflow_uri, s3
                 "test_image_auroc", "test_textures_pixel_auroc"):
         assert key in run.data.metrics, key
     arts = {a.path for a in c.list_artifacts(run.info.run_id, "model")}
-    assert {"model/model.safetensors", "model/config.json", "model/calibration.json", "model/metrics.json"} <= arts
+    assert {"model/model.safetensors", "model/config.json", "model/calibration.json", "model/metrics.json",
+            "model/parts.safetensors"} <= arts  # the segmentation travels with the model
     assert "eval/report.json" in {a.path for a in c.list_artifacts(run.info.run_id, "eval")}
     v = c.get_model_version_by_alias("anomalymoe-textures", "challenger")
     assert v.run_id == run.info.run_id and str(v.version) == summary["versions"]["textures"]

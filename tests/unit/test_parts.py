@@ -189,3 +189,35 @@ def test_logical_defects_change_only_inside_their_masks_and_are_seeded():
     assert k == ["local"]
     mixed = synthetic_defects(0)(images, masks, 0)
     assert mixed.shape == images.shape and not torch.equal(mixed, images)
+
+
+# ------------------------------------------------------------------------------------------------ explanations
+def test_the_answer_names_the_part_slot_and_the_overlay_outlines_the_parts():
+    import base64
+    import io
+    import time
+
+    from anomalymoe.platform.pipeline import Frame
+    from anomalymoe.serve.inference import Loaded, outlines, score_batch
+
+    model = _tiny_with_parts()
+    g = torch.Generator().manual_seed(3)
+    model.fit_calibration([(torch.rand(4, 3, 56, 56, generator=g), None, ["d/a"] * 4)])
+    loaded = Loaded(model, "anomalymoe-d", "1", "local", Frame.for_backbone(model.cfg.backbone))
+    arr = (torch.rand(56, 56, 3, generator=g) * 255).to(torch.uint8).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    body = score_batch(loaded, [{"data": buf.getvalue(), "category": "a", "map": True, "enqueued": time.time()}],
+                       "d")[0]
+    part = body["levels"]["component"]["part"]
+    assert 0 <= part["slot"] < 3 and part["cluster"] == model.parts.categories["d/a"].kept[part["slot"]]
+    assert part["driven_by"] in ("appearance", "layout") and isinstance(part["missing"], bool)
+    assert part["score"] == pytest.approx(max(part["appearance_score"], part["layout_score"]))
+    overlay = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["anomaly_map"]["png_base64"]))))
+    magenta = (overlay == (255, 0, 255)).all(-1)
+    with torch.no_grad():
+        masks = model(torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 255, None, compute_targets=False,
+                      categories=["d/a"]).masks[0]
+    edge = outlines(masks, 56)[part["slot"]].numpy()
+    assert np.array_equal(magenta, edge)  # the driving part's outline in magenta, exactly where its edge is
+    assert not outlines(torch.zeros(1, 8, 8, dtype=torch.bool), 8).any()
