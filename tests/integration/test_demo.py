@@ -42,9 +42,14 @@ def test_demo_end_to_end_and_rerun(tmp_path):
         "wrong_shape", "wrong_color", "missing", "extra", "swapped", "misplaced"}
     panels = list((tmp_path / "train" / "eval" / "panels").glob("*/*/*.png"))
     assert len(panels) >= 5 and all(p.stat().st_size > 1000 for p in panels)
-    assert len(list((tmp_path / "data" / "objects").glob("*/components/clusters.json"))) == 2  # segmented parts
-    for name in ("model.safetensors", "config.json", "calibration.json", "metrics.json"):
+    for name in ("model.safetensors", "config.json", "calibration.json", "metrics.json", "parts.safetensors"):
         assert (tmp_path / "train" / "model" / name).is_file()
+    from anomalymoe.models.parts import Parts
+
+    # the training job fitted every category's part segmentation and the model carries it (no label maps written)
+    parts = Parts.load(tmp_path / "train" / "model" / "parts.safetensors")
+    assert set(parts.categories) == set(report["categories"])
+    assert not list((tmp_path / "data").glob("*/*/components"))
     html = Path(s["report"]).read_text()
     md = (tmp_path / "report" / "report.md").read_text()
     assert "image_auroc" in html and "routing.png" in html and "Scored over HTTP" in md and "| textures | brick/" in md
