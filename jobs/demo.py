@@ -61,9 +61,12 @@ def build_spec(args, out: Path):
             conf["model"]["backbone"]["weights"] = job_config.RANDOM_WEIGHTS
     spec = job_config.to_spec(conf)
     steps, seed = spec.train.steps, spec.train.seed
-    # a fixed run name per setting: rerunning the demo finds (and reuses) its own run
+    # a fixed run name per setting: rerunning the demo finds (and reuses) its own run; the model config's hash is in
+    # it, so a checkout whose model config changed (a new version of this code) trains afresh instead of trying to
+    # resume a checkpoint of another config
     return dataclasses.replace(
-        spec, data=["demo"], domains=None, name=f"demo-{Path(conf['source']).stem}-{steps}-s{seed}",
+        spec, data=["demo"], domains=None,
+        name=f"demo-{Path(conf['source']).stem}-{steps}-s{seed}-{spec.model.config_hash()[:8]}",
         output=str(out / "train"), storage=str(out / "ray_runs"), demo_root=str(out / "data"), experiment="demo",
         segment_k=args.k, log_every=10, checkpoint_every=max(10, steps // 3))
 

