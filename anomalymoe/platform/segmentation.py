@@ -238,27 +238,23 @@ class _LabelWorker:
         self.backbone = backbone if isinstance(backbone, Backbone) else Backbone(BackboneConfig(**backbone))
         self.params, self.centers = params, torch.from_numpy(centers)
 
-    def __call__(self, chunk):
+    def labels(self, chunk) -> np.ndarray:
         images, _ = load_rows(chunk, self.backbone.cfg.img_size)
         p = self.params
+        return assign(patch_features(self.backbone, images, p.color_weight), self.centers, images, p.out_size,
+                      p.refine, p.temperature).numpy()
+
+    def __call__(self, chunk):
         out = chunk[["uri"]].copy()
-        out["labels"] = list(assign(patch_features(self.backbone, images, p.color_weight), self.centers, images,
-                                    p.out_size, p.refine, p.temperature).numpy())
+        out["labels"] = list(self.labels(chunk))
         return out
 
 
-class _AssignWorker:
+class _AssignWorker(_LabelWorker):
     """Rows -> label maps written beside the images (lossless PNG)."""
 
-    def __init__(self, backbone: Backbone | dict, params: SegmentParams, centers: np.ndarray):
-        self.backbone = backbone if isinstance(backbone, Backbone) else Backbone(BackboneConfig(**backbone))
-        self.params, self.centers = params, torch.from_numpy(centers)
-
     def __call__(self, chunk):
-        images, _ = load_rows(chunk, self.backbone.cfg.img_size)
-        p = self.params
-        labels = assign(patch_features(self.backbone, images, p.color_weight), self.centers, images, p.out_size,
-                        p.refine, p.temperature).numpy()
+        labels = self.labels(chunk)
         for u, lab in zip(chunk["uri"], labels, strict=True):
             storage.write_bytes(label_map_uri(u), _encode_png(lab))
         return chunk[["uri"]].copy()
