@@ -138,9 +138,8 @@ def fit_layouts(covs: dict[str, list[Tensor]], quantile: float, colours: dict[st
 
 def layout_rows(layouts: dict[str, list[SlotLayout]], categories: list[str | None], counts: list[int]
                 ) -> tuple[Tensor, Tensor] | None:
-    """([sum counts, G, G] priors, [sum counts, 5] (low, high, colour_low, colour_high, has colour) plus the colours
-    [sum counts, 3]) for every component row of a batch, as (priors, norms): norms [sum counts, 8] = (low, high,
-    colour_low, colour_high, r, g, b, has_colour). Rows of a category or slot without a layout get an all-0.5 prior
+    """(priors [sum counts, G, G], norms [sum counts, 8] = (low, high, colour_low, colour_high, r, g, b, has_colour))
+    for every component row of a batch. Rows of a category or slot without a layout get an all-0.5 prior
     (no expected region) and normal ranges no raw score reaches (no layout score)."""
     if not layouts:
         return None
