@@ -51,7 +51,7 @@ def level_aurocs(scores_csv: Path) -> dict[str, dict[str, float]]:
 def bench_quality(args) -> dict:
     from ..platform.evaluation import evaluate
     from ..platform.ray_training import JobSpec, prepare
-    from ..platform.validation import calibrate
+    from ..platform.validation import bank_batches, calibrate
 
     device = device_of(args.device)
     if device.type == "cuda":
@@ -80,7 +80,8 @@ def bench_quality(args) -> dict:
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t0
     steps = len(history)
-    calibrate(model, lambda: (to_device(b, device) for b in category_batches(prep.held, frame, prep.kept)))
+    calibrate(model, lambda: (to_device(b, device) for b in category_batches(prep.held, frame, prep.kept)),
+              reference=bank_batches(prep.train, frame, prep.kept, device))
     test = prep.df[prep.df["split"] == "test"]
     eval_dir = (Path(args.out) if args.out else Path("outputs/quality")) / "eval"
     t_eval = time.perf_counter()

@@ -29,7 +29,7 @@ from .losses import (
     hard_mining_cosine,
     hard_mining_p,
 )
-from .parts import Parts
+from .parts import Parts, bank_scores
 from .precision import autocast, fp32
 from .router import Router, Routing
 from .scoring import (
@@ -92,6 +92,7 @@ class MoEOutput:
     eir_pairs: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
     n_valid: int = 0  # comp_valid.sum(), read once on the host with the routing mask
     comp_colour: Tensor | None = None  # [K, 3] mean RGB inside each component row's mask (NaN where empty)
+    categories: list[str | None] | None = None  # "domain/category" per image, as forward() was given them
 
 
 def _host_rows(col: Tensor) -> list[int]:
@@ -258,7 +259,7 @@ class AnomalyMoE(nn.Module):
         colours = layout.slot_colours(images, masks)
         out = MoEOutput(routing, en_groups, patch, glob, comp, comp_feats, owner, valid, masks, b, feats.grid,
                         target, n_valid=int(valid_h.sum()),
-                        comp_colour=torch.cat(colours) if colours else None)
+                        comp_colour=torch.cat(colours) if colours else None, categories=categories)
         if self.training and self.cfg.loss.lambda_eir > 0:
             out.eir_pairs = self._eir_pairs(out, fused_all, ae_norm, feats)
         return out
@@ -409,7 +410,7 @@ class AnomalyMoE(nn.Module):
             s, used = self.component_scores(out)
             valid = out.comp_valid
             if slot_norm is not None:
-                s = self._normalize_slots(s, valid, slot_norm).clamp_min(0)
+                s = self.appearance_scores(out, s, slot_norm).clamp_min(0)
             mk = self._stacked_masks(out, size)
             whole = torch.ones_like(mk)
             if lay is not None:
@@ -438,6 +439,72 @@ class AnomalyMoE(nn.Module):
         z = torch.where(valid, z, z.clamp_min(sc.missing_part_score))
         unreliable = ~valid & (slot_norm[:, 2] < sc.missing_part_min_presence)
         return torch.where(unreliable, torch.zeros_like(z), z)
+
+    def part_bank_scores(self, out: MoEOutput) -> Tensor:
+        """[K] per component row: parts.bank_scores against its category's part bank (NaN where the category has no
+        bank or the slot is empty)."""
+        k = out.comp_feats.shape[0]
+        res = torch.full((k,), math.nan, device=out.comp_feats.device)
+        feats = self._bank_features(out)
+        start = 0
+        for m, c in zip(out.masks, out.categories or [None] * out.batch_size, strict=True):
+            n = 0 if m is None else m.shape[0]
+            cp = self.parts.categories.get(c) if c is not None else None
+            if n and cp is not None and cp.bank is not None and cp.bank.shape[1] == n:
+                res[start : start + n] = bank_scores(cp.bank, feats[start : start + n])
+            start += n
+        return torch.where(out.comp_valid, res, torch.full_like(res, math.nan))
+
+    def _bank_features(self, out: MoEOutput) -> Tensor:
+        """[K, C(+3)] unit rows: each slot's pooled feature (the component experts' input), with the slot's mean
+        colour appended at the segmentation's colour weight (as parts are told apart: DINO features see shape more
+        than colour)."""
+        with fp32(out.comp_feats.device):
+            f = F.normalize(out.comp_feats.float(), dim=1)
+            cw = self.parts.params.color_weight
+            if cw > 0 and out.comp_colour is not None:
+                f = torch.cat([f, cw * (torch.nan_to_num(out.comp_colour.to(f.device).float(), nan=0.5) - 0.5)], 1)
+            return F.normalize(f, dim=1)
+
+    def appearance_scores(self, out: MoEOutput, s: Tensor, slot_norm: Tensor) -> Tensor:
+        """What each part looks like on its slot-normalised scale (ScoringConfig.part_appearance): the experts'
+        score s (component_scores) normalised by _normalize_slots, the part-bank score normalised by its own normal
+        range, or the larger of the two; a row without a bank score or bank range keeps the experts' score."""
+        z = self._normalize_slots(s, out.comp_valid, slot_norm)
+        mode = self.cfg.scoring.part_appearance
+        if mode == "experts" or slot_norm.shape[1] < 5 or not self.parts:
+            return z
+        sn = slot_norm.to(z.device, torch.float32)
+        with fp32(z.device):
+            zb = (self.part_bank_scores(out) - sn[:, 3]) / (sn[:, 4] - sn[:, 3]).clamp_min(1e-12)
+        has = torch.isfinite(zb) & out.comp_valid
+        return torch.where(has, zb if mode == "bank" else torch.maximum(z, zb), z)
+
+    @torch.no_grad()
+    def fit_part_bank(self, batches: Iterable[tuple[Tensor, list | None, list[str | None]]],
+                      max_images: int = 256) -> dict[str, int]:
+        """Store, per category the part segmentation covers, every slot's unit feature on up to `max_images` normal
+        *training* images (parts.CategoryParts.bank): what bank_scores compares a part with. Fitted after training,
+        before calibration (whose held-out images must not be in it). Returns the images kept per category."""
+        was_training = self.training
+        self.eval()
+        rows: dict[str, list[Tensor]] = {}
+        try:
+            for images, masks, cats in batches:
+                with autocast(images.device, self.inference_precision):
+                    out = self(images, masks, compute_targets=False, categories=cats)
+                feats = self._bank_features(out) * out.comp_valid[:, None]
+                counts = [0 if m is None else m.shape[0] for m in out.masks]
+                for f, c in zip(feats.split(counts), cats or [None] * images.shape[0], strict=True):
+                    if f.shape[0] and self.parts.covers(c) and len(rows.setdefault(c, [])) < max_images:
+                        rows[c].append(f.cpu().half())
+        finally:
+            self.train(was_training)
+        for c, fs in rows.items():
+            n = len(self.parts.categories[c].kept)
+            fs = [f for f in fs if f.shape[0] == n]
+            self.parts.categories[c].bank = torch.stack(fs) if fs else None
+        return {c: len(fs) for c, fs in rows.items()}
 
     def level_mass(self, routing: Routing) -> Tensor:
         """[B, 3] routing mass per level (used by the `routing` fusion rule and for explanations)."""
@@ -481,7 +548,7 @@ class AnomalyMoE(nn.Module):
             threshold = torch.tensor([n.threshold if n else math.nan for n in norms])
             comp_scores = self.component_scores(out)[0]
             if slot_norm is not None:
-                comp_scores = self._normalize_slots(comp_scores, out.comp_valid, slot_norm)
+                comp_scores = self.appearance_scores(out, comp_scores, slot_norm)
             lay_scores = torch.zeros_like(comp_scores)
             if lay is not None and comp_scores.numel():
                 with fp32(images.device):
@@ -571,6 +638,7 @@ class AnomalyMoE(nn.Module):
                 with autocast(images.device, self.inference_precision):
                     out = self(images, masks, compute_targets=False, categories=cats)
                 s, used = self.component_scores(out)
+                bank = self.part_bank_scores(out).tolist()
                 s, used, valid = s.tolist(), used.tolist(), out.comp_valid.tolist()
                 colour = out.comp_colour.cpu() if out.comp_colour is not None else None
                 start = 0
@@ -588,6 +656,8 @@ class AnomalyMoE(nn.Module):
                             per[i].present += valid[r]
                             if valid[r]:
                                 per[i].scores.append(s[r])
+                                if not math.isnan(bank[r]):
+                                    per[i].bank.append(bank[r])
                     start += n
         finally:
             self.train(was_training)

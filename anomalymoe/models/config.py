@@ -137,6 +137,13 @@ class ScoringConfig(_Strict):
     # occupancy prior on normal images, and a part that is missing, extra, moved or swapped scores by its
     # unexpected occupancy on the component level. Off: the component level is the experts' reconstruction alone.
     part_layout: bool = True
+    # What a part looks like, scored per slot as (models/parts.py bank_scores) the distance to the nearest normal
+    # instance of that slot in the training images (the "part bank", fitted after training), as the component
+    # experts' reconstruction error (the paper's component level), or the larger of the two (each on its
+    # slot-normalised scale). Without a bank (an artifact fitted before it existed, a category without parts) the
+    # experts' score is used. "bank": measured on the demo's 400-step model, objects 0.925 (component anomalies
+    # 0.86) vs "both" 0.91 (0.85) and "experts" 0.847 (0.685) - README, issue 13.
+    part_appearance: Literal["experts", "bank", "both"] = "bank"
     # Fit each category's fusion weights (patch, global, component) at calibration, on its normal calibration images
     # and synthetic defects made from them (local pastes and part-level logical edits), instead of level_weights.
     # Needs the caller to pass a defect maker (the platform's calibration does); only for fusion "mean".

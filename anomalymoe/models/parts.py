@@ -10,13 +10,15 @@ over cosine similarities to the centres / `temperature`, bilinear upsampling to 
 grey image, argmax; masks are the kept clusters of that label map, in kept order (slot i = kept cluster i), brought
 to the input size with the same nearest-pixel rule Pillow's NEAREST resize uses for stored label maps.
 
-Stored in the artifact as ``parts.safetensors``: one centre matrix per "domain/category", the kept clusters and the
-settings in its metadata (plain JSON, never a pickle)."""
+Stored in the artifact as ``parts.safetensors``: one centre matrix per "domain/category" and, once fitted, its part
+bank (each slot's features on normal training images, `bank_scores`), the kept clusters and the settings in its
+metadata (plain JSON, never a pickle)."""
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -131,10 +133,26 @@ class CategoryParts:
     centers: Tensor  # [k, C(+3)] float32, unit rows
     kept: list[int]  # clusters (0-based) that are parts, in slot order
     info: dict = field(default_factory=dict)  # how it was fitted (images, votes, source), for the log and the card
+    # what each part looks like on normal training images: [N, K, C] float16 unit slot features (the component
+    # experts' input), a zero row where that image lacked the slot; None until fit_part_bank (bank_scores)
+    bank: Tensor | None = None
 
     @property
     def k(self) -> int:
         return int(self.centers.shape[0])
+
+
+def bank_scores(bank: Tensor, feats: Tensor) -> Tensor:
+    """[K] 1 - the best cosine similarity of each slot feature ([K, C]) to the same slot in the bank's normal images
+    ([N, K, C] unit rows; an image that lacked the slot does not count); NaN for a slot no bank image has.
+    The nearest normal part, PatchCore's rule per part: a part of another shape or colour is far from every normal
+    instance of its slot, while the component experts' reconstruction of it, trained for a few hundred steps, is not
+    yet that sharp (measured on the objects demo: docs and README)."""
+    with fp32(feats.device):
+        b = bank.to(feats.device, torch.float32)
+        sim = torch.einsum("nkc,kc->nk", b, F.normalize(feats.float(), dim=1))
+        sim = sim.masked_fill(b.abs().sum(2) == 0, -math.inf).amax(0)
+        return torch.where(torch.isfinite(sim), 1 - sim, torch.full_like(sim, math.nan))
 
 
 class Parts:
@@ -184,7 +202,8 @@ class Parts:
         """Plain data (what a Ray Train worker receives; save() writes the same)."""
         return {"params": asdict(self.params),
                 "categories": {k: {"centers": v.centers.detach().cpu().float().numpy(), "kept": list(v.kept),
-                                   "info": v.info} for k, v in self.categories.items()}}
+                                   "info": v.info, "bank": None if v.bank is None else v.bank.cpu().numpy()}
+                               for k, v in self.categories.items()}}
 
     @classmethod
     def from_state(cls, state: dict | None) -> Parts:
@@ -192,10 +211,14 @@ class Parts:
             return cls()
         return cls(PartParams(**state["params"]),
                    {k: CategoryParts(torch.as_tensor(v["centers"], dtype=torch.float32), [int(j) for j in v["kept"]],
-                                     v.get("info", {})) for k, v in state["categories"].items()})
+                                     v.get("info", {}),
+                                     None if v.get("bank") is None else torch.as_tensor(v["bank"], dtype=torch.float16))
+                    for k, v in state["categories"].items()})
 
     def save(self, path: str | Path) -> None:
         tensors = {f"centers/{k}": v.centers.detach().cpu().float().contiguous() for k, v in self.categories.items()}
+        tensors |= {f"bank/{k}": v.bank.cpu().half().contiguous() for k, v in self.categories.items()
+                    if v.bank is not None}
         meta = {"format": PARTS_FORMAT, "params": json.dumps(asdict(self.params)),
                 "kept": json.dumps({k: v.kept for k, v in self.categories.items()}),
                 "info": json.dumps({k: v.info for k, v in self.categories.items()})}
@@ -208,9 +231,14 @@ class Parts:
             if meta.get("format") != PARTS_FORMAT:
                 raise ValueError(f"{path}: not a parts file (format {meta.get('format')!r}, expected {PARTS_FORMAT})")
             kept, info = json.loads(meta["kept"]), json.loads(meta.get("info", "{}"))
-            cats = {k: CategoryParts(f.get_tensor(f"centers/{k}"), [int(j) for j in kept[k]], info.get(k, {}))
+            names = set(f.keys())
+            cats = {k: CategoryParts(f.get_tensor(f"centers/{k}"), [int(j) for j in kept[k]], info.get(k, {}),
+                                     f.get_tensor(f"bank/{k}") if f"bank/{k}" in names else None)
                     for k in kept}
         for k, c in cats.items():
             if any(not 0 <= j < c.k for j in c.kept):
                 raise ValueError(f"{path}: {k} keeps clusters {c.kept} of only {c.k}")
+            if c.bank is not None and (c.bank.ndim != 3 or c.bank.shape[1] != len(c.kept)):
+                raise ValueError(f"{path}: {k}'s part bank has shape {tuple(c.bank.shape)}, expected [N, "
+                                 f"{len(c.kept)}, C]")
         return cls(PartParams(**json.loads(meta["params"])), cats)

@@ -39,6 +39,10 @@ class SlotNorm(LevelNorm):
     an image lacks it; a slot that normal images sometimes lack is segmentation noise, not a part."""
 
     presence: float = 1.0
+    # the normal range of the slot's part-bank score (nearest normal training part, parts.bank_scores); the
+    # defaults never let a raw score reach 0 (no bank)
+    bank_low: float = math.inf
+    bank_high: float = math.inf
 
 
 @dataclass
@@ -105,22 +109,25 @@ class Calibration:
         return cats, info
 
     def slot_rows(self, categories: list[str | None], counts: list[int]) -> Tensor | None:
-        """[sum counts, 3] (low, high, presence) for every component row of a batch (image b has counts[b]
-        slots); identity for slots the calibration never saw. None when there are no slot statistics."""
+        """[sum counts, 5] (low, high, presence, bank_low, bank_high) for every component row of a batch (image b
+        has counts[b] slots); identity (and no bank range) for slots the calibration never saw. None when there
+        are no slot statistics."""
         if not self.components:
             return None
         rows = []
         for c, n in zip(categories, counts, strict=True):
             norms = self.components.get(c or DEFAULT_KEY, [])
-            rows += [(norms[i].low, norms[i].high, norms[i].presence) if i < len(norms) else (0.0, 1.0, 1.0)
-                     for i in range(n)]
-        return torch.tensor(rows, dtype=torch.float32).reshape(-1, 3)
+            rows += [(norms[i].low, norms[i].high, norms[i].presence, norms[i].bank_low, norms[i].bank_high)
+                     if i < len(norms) else (0.0, 1.0, 1.0, math.inf, math.inf) for i in range(n)]
+        return torch.tensor(rows, dtype=torch.float32).reshape(-1, 5)
 
     def to_dict(self) -> dict:
         return {
             "levels": {k: {"low": v.low, "high": v.high} for k, v in self.levels.items()},
             "scores": {k: {"median": v.median, "threshold": v.threshold, "n": v.n} for k, v in self.scores.items()},
-            "components": {k: [{"low": n.low, "high": n.high, "presence": n.presence} for n in v]
+            "components": {k: [{"low": n.low, "high": n.high, "presence": n.presence,
+                                **({"bank_low": n.bank_low, "bank_high": n.bank_high}
+                                   if math.isfinite(n.bank_low) else {})} for n in v]
                            for k, v in self.components.items()},
             "prototypes": self.prototypes,
             "layouts": {k: [sl.to_dict() for sl in v] for k, v in self.layouts.items()},
@@ -133,7 +140,9 @@ class Calibration:
             levels={k: LevelNorm(float(v["low"]), float(v["high"])) for k, v in d.get("levels", {}).items()},
             scores={k: ScoreNorm(float(v["median"]), float(v["threshold"]), int(v["n"]))
                     for k, v in d.get("scores", {}).items()},
-            components={k: [SlotNorm(float(n["low"]), float(n["high"]), float(n.get("presence", 1.0))) for n in v]
+            components={k: [SlotNorm(float(n["low"]), float(n["high"]), float(n.get("presence", 1.0)),
+                                     float(n.get("bank_low", math.inf)), float(n.get("bank_high", math.inf)))
+                            for n in v]
                         for k, v in d.get("components", {}).items()},
             prototypes={k: {"vector": [float(x) for x in v["vector"]], "floor": float(v["floor"])}
                         for k, v in d.get("prototypes", {}).items()},
@@ -259,6 +268,7 @@ class SlotStats:
     scores: list[float] = field(default_factory=list)
     seen: int = 0
     present: int = 0
+    bank: list[float] = field(default_factory=list)  # part-bank scores of the present slot (where there is a bank)
 
 
 def fit_slot_norms(stats: dict[str, list[SlotStats]], cfg: ScoringConfig) -> dict[str, list[SlotNorm]]:
@@ -273,12 +283,18 @@ def fit_slot_norms(stats: dict[str, list[SlotStats]], cfg: ScoringConfig) -> dic
             if not st.scores:
                 norms.append(SlotNorm(presence=presence))
                 continue
-            a = np.asarray(st.scores, dtype=np.float64)
-            lo = float(np.median(a))
-            spread = max(float(np.quantile(a, cfg.threshold_quantile)) - lo, 0.1 * abs(lo), 1e-6)
-            norms.append(SlotNorm(lo, lo + spread, presence))
+            lo, hi = _range(st.scores, cfg.threshold_quantile)
+            norms.append(SlotNorm(lo, hi, presence, *(_range(st.bank, cfg.threshold_quantile) if st.bank
+                                                      else (math.inf, math.inf))))
         out[key] = norms
     return out
+
+
+def _range(values: list[float], quantile: float) -> tuple[float, float]:
+    """(median, high quantile) of normal scores; the spread is at least 10% of the median."""
+    a = np.asarray(values, dtype=np.float64)
+    lo = float(np.median(a))
+    return lo, lo + max(float(np.quantile(a, quantile)) - lo, 0.1 * abs(lo), 1e-6)
 
 
 def fit_prototypes(embeddings: Iterable[tuple[Tensor, list[str | None]]]) -> dict[str, dict]:

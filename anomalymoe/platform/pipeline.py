@@ -64,6 +64,18 @@ def holdout_split(df: pd.DataFrame, fraction: float, seed: int = 0,
     return pd.concat(train), pd.concat(held)
 
 
+def per_category_sample(df: pd.DataFrame, max_rows: int, seed: int = 0) -> pd.DataFrame:
+    """At most `max_rows` seeded rows of each (domain, category), in uri order (the part bank's training images)."""
+    out = []
+    for key, sub in sorted(df.groupby(["domain", "category"]), key=lambda kv: kv[0]):
+        sub = sub.sort_values("uri")
+        if len(sub) > max_rows:
+            perm = np.random.default_rng([seed, zlib.crc32("/".join(map(str, key)).encode())]).permutation(len(sub))
+            sub = sub.iloc[np.sort(perm[:max_rows])]
+        out.append(sub)
+    return pd.concat(out) if out else df.iloc[:0]
+
+
 @dataclass(frozen=True)
 class Frame:
     """How a stored image becomes model input: resized to `resize` x `resize`, then the centre `size` x `size`

@@ -508,7 +508,7 @@ def finish(prep: Prepared, model: AnomalyMoE, history: list[dict], run_id: str, 
     from ..models.artifact import save_artifact
     from . import registry
     from .evaluation import evaluate, metrics_table
-    from .validation import calibrate
+    from .validation import bank_batches, calibrate
 
     c = registry.client()
     frame = Frame.for_backbone(model.cfg.backbone)
@@ -517,7 +517,8 @@ def finish(prep: Prepared, model: AnomalyMoE, history: list[dict], run_id: str, 
     model.to_device(dev)
 
     print(f"[calibrate] on {len(prep.held)} held-out normal images ({dev})", flush=True)
-    calibrate(model, lambda: (to_device(b, dev) for b in category_batches(prep.held, frame, prep.kept)))
+    calibrate(model, lambda: (to_device(b, dev) for b in category_batches(prep.held, frame, prep.kept)),
+              reference=bank_batches(prep.train, frame, prep.kept, dev))
     test = prep.df[prep.df["split"] == "test"]
     report = None
     if not test.empty:

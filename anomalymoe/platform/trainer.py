@@ -197,7 +197,7 @@ def train_and_calibrate(model: AnomalyMoE, train_rows, cfg: TrainConfig, *, hold
     device. threads / depth: decode threads and batches decoded ahead (pipeline.local_epochs); a GPU needs both.
     Returns (loss history, held-out rows)."""
     from .pipeline import Frame, category_batches, holdout_split, local_epochs, to_device  # local: see fit
-    from .validation import calibrate
+    from .validation import bank_batches, calibrate
 
     frame = Frame.for_backbone(model.cfg.backbone)
     normal = train_rows[(train_rows["split"] == "train") & (train_rows["label"] == 0)]
@@ -212,5 +212,6 @@ def train_and_calibrate(model: AnomalyMoE, train_rows, cfg: TrainConfig, *, hold
     if not held.empty:
         # a callable: streamed twice (slot statistics, then levels)
         calibrate(model, lambda: (to_device(b, device) for b in category_batches(held, frame, kept,
-                                                                                       cfg.batch_size)))
+                                                                                       cfg.batch_size)),
+                  reference=bank_batches(train, frame, kept, device, cfg.batch_size))
     return history, held

@@ -137,11 +137,26 @@ def synthetic_defects(seed: int = 0) -> Callable[[Tensor, list, int], Tensor]:
     return make
 
 
-def calibrate(model: AnomalyMoE, batches, seed: int = 0):
+def calibrate(model: AnomalyMoE, batches, seed: int = 0, reference=None):
     """The platform's calibration on held-out normal (images, masks, categories) batches (a list, or a callable
     giving a fresh iterator): AnomalyMoE.fit_calibration with the synthetic defects its fusion weights are fitted on.
+    reference: batches of normal *training* images (an iterable); the model's part bank is fitted on them first
+    (AnomalyMoE.fit_part_bank; bank_batches makes them). Without it an existing bank is kept.
     Every path that calibrates (the training job, tuning, benchmarks, validation) goes through here."""
+    if reference is not None:
+        model.fit_part_bank(reference)
     return model.fit_calibration(batches, defects=synthetic_defects(seed))
+
+
+BANK_IMAGES = 256  # training images per category in the part bank (AnomalyMoE.fit_part_bank)
+
+
+def bank_batches(train_rows, frame, kept, device, batch_size: int = 8):
+    """The part bank's reference batches: up to BANK_IMAGES training rows per category, decoded on `device`."""
+    from .pipeline import category_batches, per_category_sample, to_device
+
+    rows = per_category_sample(train_rows, BANK_IMAGES)
+    return (to_device(b, device) for b in category_batches(rows, frame, kept, batch_size))
 
 
 def split_batches(batches: list[Batch], seed: int) -> tuple[list[Batch], list[Batch]]:
