@@ -5,6 +5,7 @@ the synthetic logical defects themselves (platform/validation.logical_defects)."
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from anomalymoe.models import layout
 from anomalymoe.models.anomalymoe import AnomalyMoE
 from anomalymoe.models.artifact import load_artifact, save_artifact
 from anomalymoe.models.config import LEVELS, ScoringConfig, presets
-from anomalymoe.models.parts import CategoryParts, PartParams, Parts, resize_labels, slot_masks
+from anomalymoe.models.parts import CategoryParts, PartParams, Parts, bank_scores, resize_labels, slot_masks
 from anomalymoe.models.scoring import Calibration, LevelNorm, fit_level_weights
 from anomalymoe.platform.validation import logical_defects, synthetic_defects
 
@@ -105,6 +106,63 @@ def test_an_artifact_written_before_a_config_field_existed_still_loads(tmp_path)
     (tmp_path / "m" / "config.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="was edited"):
         load_artifact(tmp_path / "m")
+
+
+# ------------------------------------------------------------------------------------------------ part bank
+def test_bank_scores_are_the_distance_to_the_nearest_normal_part_of_the_same_slot():
+    e = torch.eye(4)
+    bank = torch.stack([torch.stack([e[0], e[1]]), torch.stack([e[2], torch.zeros(4)])]).half()  # [N=2, K=2, C=4]
+    # slot 0 saw e0 and e2, slot 1 only e1 (its second image lacked the slot: that zero row never matches)
+    s = bank_scores(bank, torch.stack([e[2] * 3, e[2]]))
+    assert s[0] == pytest.approx(0.0, abs=1e-6)  # like a normal instance of its slot (scale does not matter)
+    assert s[1] == pytest.approx(1.0, abs=1e-6)  # what only another slot looks like: far from slot 1's parts
+    assert torch.isnan(bank_scores(torch.zeros(2, 1, 4).half(), e[:1]))[0]  # no image had the slot: no score
+
+
+def _coloured(colour: tuple[float, float, float], n: int, seed: int) -> torch.Tensor:
+    """Grey images with one square part of `colour`, jittered by a pixel or two."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.full((n, 3, 56, 56), 0.5)
+    for i in range(n):
+        y, x = (int(v) for v in torch.randint(18, 22, (2,), generator=g))
+        out[i, :, y : y + 14, x : x + 14] = torch.tensor(colour)[:, None, None]
+    return out + 0.01 * torch.rand(out.shape, generator=g)
+
+
+def test_part_bank_flags_a_recoloured_part_and_survives_the_artifact(tmp_path):
+    model = _tiny_with_parts()
+    model.cfg.scoring.fit_level_weights = False
+    masks = [torch.stack([_square(20, 20, 56, 14)])] * 8  # one slot: the square
+    train, held = _coloured((0.8, 0.1, 0.1), 8, 0), _coloured((0.8, 0.1, 0.1), 8, 1)
+    kept = model.fit_part_bank([(train, masks, ["d/x"] * 8)])
+    assert kept == {}  # "d/x" is not a category the segmentation covers: no bank
+    model.parts.categories["d/x"] = CategoryParts(model.parts.categories["d/a"].centers.clone(), [0])
+    assert model.fit_part_bank([(train, masks, ["d/x"] * 8)], max_images=5) == {"d/x": 5}
+    assert model.parts.categories["d/x"].bank.shape == (5, 1, model.backbone.embed_dim + 3)
+    cal = model.fit_calibration([(held, masks, ["d/x"] * 8)])
+    slot = cal.components["d/x"][0]
+    assert math.isfinite(slot.bank_low) and slot.bank_high > slot.bank_low
+    normal, blue = _coloured((0.8, 0.1, 0.1), 4, 2), _coloured((0.1, 0.2, 0.8), 4, 2)
+    p_ok = model.predict(normal, masks[:4], ["d/x"] * 4)
+    p_bad = model.predict(blue, masks[:4], ["d/x"] * 4)
+    ok, bad = torch.cat(p_ok.component_scores), torch.cat(p_bad.component_scores)
+    print("part-bank appearance: normal", ok.tolist(), "recoloured", bad.tolist())
+    assert float(bad.min()) > 3 * max(float(ok.max()), 1.0)  # far outside the slot's normal range
+    # "experts" scores with the component experts alone: the same model, another appearance score
+    model.cfg.scoring.part_appearance = "experts"
+    assert not torch.allclose(torch.cat(model.predict(blue, masks[:4], ["d/x"] * 4).component_scores), bad)
+    model.cfg.scoring.part_appearance = "bank"
+    # the artifact carries the bank and the bank's normal range: the same answers after loading
+    save_artifact(model, tmp_path / "m")
+    loaded = load_artifact(tmp_path / "m")
+    assert torch.equal(loaded.parts.categories["d/x"].bank, model.parts.categories["d/x"].bank)
+    assert loaded.calibration.components["d/x"][0] == slot
+    assert torch.equal(torch.cat(loaded.predict(blue, masks[:4], ["d/x"] * 4).component_scores), bad)
+    # a bank that does not match the category's slots is refused with a clear error
+    model.parts.categories["d/x"].bank = torch.zeros(3, 2, 4).half()
+    model.parts.save(tmp_path / "m" / "parts.safetensors")
+    with pytest.raises(ValueError, match="part bank has shape"):
+        Parts.load(tmp_path / "m" / "parts.safetensors")
 
 
 # ------------------------------------------------------------------------------------------------ layout
