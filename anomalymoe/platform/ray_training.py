@@ -519,6 +519,10 @@ def finish(prep: Prepared, model: AnomalyMoE, history: list[dict], run_id: str, 
     print(f"[calibrate] on {len(prep.held)} held-out normal images ({dev})", flush=True)
     calibrate(model, lambda: (to_device(b, dev) for b in category_batches(prep.held, frame, prep.kept)),
               reference=bank_batches(prep.train, frame, prep.kept, dev))
+    banks = {k: v.bank.shape[0] for k, v in model.parts.categories.items() if v.bank is not None}
+    if banks:
+        print("[parts] part bank (what each part looks like on normal training images): "
+              + ", ".join(f"{k} {n} images" for k, n in sorted(banks.items())), flush=True)
     test = prep.df[prep.df["split"] == "test"]
     report = None
     if not test.empty:

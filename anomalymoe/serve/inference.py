@@ -213,8 +213,9 @@ def domain_categories(model: AnomalyMoE, domain: str) -> list[str]:
 
 def part_explanation(model: AnomalyMoE, p: Prediction, b: int) -> dict[str, Any] | None:
     """The part slot that drove image b's component score: its slot index, the segmentation cluster it is, its
-    slot-normalised score (1 = the slot's high normal quantile) as the larger of how the part looks (the component
-    experts) and where it is (its layout score), which of the two it was, whether the part was missing (an empty
+    slot-normalised score (1 = the slot's high normal quantile) as the larger of how the part looks (its distance to
+    the nearest normal part of the slot, or the component experts' score: ScoringConfig.part_appearance) and where it
+    is (its layout score), which of the two it was, whether the part was missing (an empty
     slot) and the share of the image it covers. None where the image had no component slots."""
     scores = p.component_scores[b] if b < len(p.component_scores) else None
     cat = p.categories[b] if b < len(p.categories) else None

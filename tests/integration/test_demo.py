@@ -49,6 +49,13 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     # the training job fitted every category's part segmentation and the model carries it (no label maps written)
     parts = Parts.load(tmp_path / "train" / "model" / "parts.safetensors")
     assert set(parts.categories) == set(report["categories"])
+    # objects carry a part bank fitted on their training images (40 minus the 20% calibration hold-out), one row per
+    # part slot; textures have no parts and no bank
+    for key, cp in parts.categories.items():
+        assert (cp.bank is not None) == key.startswith("objects/"), key
+        if cp.bank is not None:
+            assert tuple(cp.bank.shape[:2]) == (32, len(cp.kept))
+    assert "[parts] part bank (what each part looks like on normal training images): objects/breakfast 32" in r.stdout
     assert not list((tmp_path / "data").glob("*/*/components"))
     html = Path(s["report"]).read_text()
     md = (tmp_path / "report" / "report.md").read_text()
