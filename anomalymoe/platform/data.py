@@ -66,3 +66,49 @@ def attach_components(df: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, list[in
         rows = keys.isin(list(kept))
         df.loc[rows, "component_mask_uri"] = [label_map_uri(u) for u in df.loc[rows, "uri"]]
     return df, kept
+
+
+# The threshold is the 0.99 quantile of a category's held-out normal scores (ScoringConfig.threshold_quantile). From n
+# scores that is their maximum for n < 100, and a new normal image exceeds the maximum of n with probability 1/(n+1):
+# with 1 image the threshold is that image's score (half of all normal images flagged), with 9 one in ten. Below
+# MIN_CALIBRATION_IMAGES a job refuses (no threshold can be fitted); below STABLE_CALIBRATION_IMAGES it warns.
+MIN_CALIBRATION_IMAGES = 2
+STABLE_CALIBRATION_IMAGES = 10
+
+
+def check_calibration_split(normal: pd.DataFrame, held: pd.DataFrame, holdout: float) -> list[str]:
+    """Per category of the normal training rows, how many were held out for its threshold: raises ValueError naming
+    every category under MIN_CALIBRATION_IMAGES; returns a warning for each under STABLE_CALIBRATION_IMAGES."""
+    n_held = held.groupby(["domain", "category"]).size()
+    errors, warnings = [], []
+    for (dom, cat), sub in sorted(normal.groupby(["domain", "category"]), key=lambda kv: kv[0]):
+        n = int(n_held.get((dom, cat), 0))
+        if n < MIN_CALIBRATION_IMAGES:
+            errors.append(f"{dom}/{cat}: {n} held-out normal image(s) of {len(sub)} (--holdout {holdout})")
+        elif n < STABLE_CALIBRATION_IMAGES:
+            warnings.append(f"{dom}/{cat}: its threshold is fitted on {n} held-out normal images; about 1 in {n + 1} "
+                            f"normal images will score above it (it is their maximum). {STABLE_CALIBRATION_IMAGES}+ "
+                            "give a steadier threshold: add normal images or raise --holdout")
+    if errors:
+        raise ValueError(f"too few normal images to fit an anomaly threshold (at least {MIN_CALIBRATION_IMAGES} "
+                         "held-out normal images per category; with one, the threshold is that image's score and "
+                         "half of all normal images are flagged): " + "; ".join(errors)
+                         + ". Add normal training images or raise --holdout.")
+    return warnings
+
+
+def describe_categories(df: pd.DataFrame, train: pd.DataFrame, held: pd.DataFrame) -> list[str]:
+    """One line per category: the images a job uses, by role (what each metric will rest on)."""
+    lines = []
+    test = df[df["split"] == "test"]
+    has_mask = df["mask_uri"].notna() if "mask_uri" in df else pd.Series(False, index=df.index)
+    def count(rows: pd.DataFrame, dom: str, cat: str) -> int:
+        return int(((rows["domain"] == dom) & (rows["category"] == cat)).sum())
+
+    for dom, cat in sorted(df.groupby(["domain", "category"]).groups):
+        t = test[(test["domain"] == dom) & (test["category"] == cat)]
+        flagged = t[t["label"] == 1]
+        lines.append(f"[data] {dom}/{cat}: train {count(train, dom, cat)} normal, calibration {count(held, dom, cat)} "
+                     f"normal, test {int((t['label'] == 0).sum())} normal + {len(flagged)} flagged "
+                     f"({int(has_mask[flagged.index].sum())} with pixel masks)")
+    return lines

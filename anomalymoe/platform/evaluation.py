@@ -29,18 +29,33 @@ from .pipeline import Frame, decode_label_map, load_rows, ray_rows, to_batch, to
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "f1_max", "pixel_f1_max")
 
 
-def _finish(m: AnomalyMetrics) -> dict:
-    r = m.compute()
-    r["f1_max"] = r.pop("image_f1_max")  # the detection decision's F1-max; pixel_f1_max stays separate
+COUNT_KEYS = ("num_images", "num_anomalous", "pixel_images", "pixel_anomalous")
+NO_PIXEL_GT = ("no anomalous image here has a pixel mask (image-level labels only): pixel AUROC, pixel AP / F1 "
+               "and AUPRO need masks")
+
+
+def _note(r: dict) -> dict:
+    """Say why the pixel metrics are null where they are (JSON has no NaN: they are written as null)."""
+    if r.get("pixel_anomalous", 0) == 0 and r.get("num_anomalous", 0) > 0:
+        r["pixel_note"] = NO_PIXEL_GT
     return r
 
 
+def _finish(m: AnomalyMetrics) -> dict:
+    r = m.compute()
+    r["f1_max"] = r.pop("image_f1_max")  # the detection decision's F1-max; pixel_f1_max stays separate
+    return _note(r)
+
+
 def _mean(reports: list[dict]) -> dict:
+    """Mean of each metric over the reports where it is defined; image counts summed (what the means cover)."""
     out = {}
     for k in METRIC_KEYS:
         vals = [r[k] for r in reports if r.get(k) is not None and not math.isnan(r[k])]
         out[k] = float(np.mean(vals)) if vals else float("nan")
-    return out
+    for k in COUNT_KEYS:
+        out[k] = int(sum(r.get(k, 0) for r in reports))
+    return _note(out)
 
 
 def save_panel(path: Path, image: torch.Tensor, gt: torch.Tensor, amap: torch.Tensor, title: str,
@@ -117,14 +132,16 @@ class _Accumulators:
             self.defects_of[key] = set(bad["defect"])
             self.groups_of[key] = {g for g in bad["defect_group"] if isinstance(g, str) and g}
 
-    def update(self, key: str, label: int, defect: str, group: str | None, score, lab, amap, gt) -> None:
-        self.cat.setdefault(key, AnomalyMetrics()).update(score, lab, amap, gt)
+    def update(self, key: str, label: int, defect: str, group: str | None, score, lab, amap, gt, covered: bool
+               ) -> None:
+        cov = np.array([covered])
+        self.cat.setdefault(key, AnomalyMetrics()).update(score, lab, amap, gt, cov)
         targets_d = self.defects_of.get(key, set()) if label == 0 else {defect}
         for d in targets_d:
-            self.defect.setdefault((key, d), AnomalyMetrics()).update(score, lab, amap, gt)
+            self.defect.setdefault((key, d), AnomalyMetrics()).update(score, lab, amap, gt, cov)
         targets_g = self.groups_of.get(key, set()) if label == 0 else ({group} if group else set())
         for g in targets_g:
-            self.group.setdefault((key, g), AnomalyMetrics()).update(score, lab, amap, gt)
+            self.group.setdefault((key, g), AnomalyMetrics()).update(score, lab, amap, gt, cov)
 
 
 @torch.no_grad()
@@ -177,8 +194,10 @@ def _evaluate(model: AnomalyMoE, manifest: pd.DataFrame, batch_size: int, out_di
         sel = pred.routing.mask.cpu().numpy()
         for i, r in enumerate(chunk.itertuples(index=False)):
             group = r.defect_group if isinstance(r.defect_group, str) and r.defect_group else None
+            # a normal image's mask is known (empty); an anomalous one's only where the row has one
+            covered = int(r.label) == 0 or (isinstance(r.mask_uri, str) and bool(r.mask_uri))
             acc.update(r.cat_key, int(r.label), r.defect, group, pred.score[i : i + 1],
-                       torch.tensor([int(r.label)]), maps[i : i + 1], gt[i : i + 1])
+                       torch.tensor([int(r.label)]), maps[i : i + 1], gt[i : i + 1], covered)
             routing_hist.setdefault(r.domain, np.zeros(sel.shape[1], dtype=np.int64))
             routing_hist[r.domain] += sel[i]
             rows.append({
@@ -232,12 +251,15 @@ def build_report(acc: _Accumulators, routing_hist: dict, model: AnomalyMoE, n: i
 
 
 def metrics_table(report: dict) -> str:
+    """Markdown: every metric per category, group and domain, and the images each covers ("images": all of them,
+    for the image metrics; "pixel": those with known masks, for pixel metrics and AUPRO; "–" = not defined)."""
     keys = METRIC_KEYS
-    head = "| | " + " | ".join(keys) + " |\n|---|" + "---:|" * len(keys) + "\n"
+    head = "| | " + " | ".join(keys) + " | images | pixel |\n|---|" + "---:|" * (len(keys) + 2) + "\n"
     lines = []
 
     def row(name: str, r: dict) -> str:
-        return f"| {name} | " + " | ".join(f"{r[k]:.3f}" if not math.isnan(r[k]) else "–" for k in keys) + " |"
+        return (f"| {name} | " + " | ".join(f"{r[k]:.3f}" if not math.isnan(r[k]) else "–" for k in keys)
+                + f" | {r.get('num_images', '')} | {r.get('pixel_images', '')} |")
 
     for key, r in report["categories"].items():
         lines.append(row(key, r))

@@ -95,12 +95,18 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("component_mask_uri", pa.string(), nullable=True),
         pa.field("width", pa.int32(), nullable=True),
         pa.field("height", pa.int32(), nullable=True),
+        # does an anomalous row come with a pixel mask? false: an image-level label only (its image metrics count,
+        # pixel metrics skip it); true: the mask is declared and must exist; null: inferred (an anomalous row needs
+        # its mask_uri unless its dataset is passed as no_pixel_gt), as manifests written before this column
+        pa.field("has_mask", pa.bool_(), nullable=True),
     ],
     metadata={VERSION_KEY: str(MANIFEST_VERSION).encode()},
 )
 MANIFEST_COLUMNS: tuple[str, ...] = tuple(MANIFEST_SCHEMA.names)
 _REQUIRED = tuple(f.name for f in MANIFEST_SCHEMA if not f.nullable)
-_HASHED = tuple(c for c in MANIFEST_COLUMNS if c not in ("width", "height"))  # derived columns excluded
+# derived columns excluded; has_mask is hashed only where it is set (manifests without it keep their hash)
+_HASHED = tuple(c for c in MANIFEST_COLUMNS if c not in ("width", "height", "has_mask"))
+_ADDED_LATER = ("has_mask",)  # nullable columns a file written before them may lack (read as null)
 _TYPES_MAPPER = {pa.int32(): pd.Int32Dtype()}.get
 _SPLIT_ORDER = {s: i for i, s in enumerate(SPLITS)}
 
@@ -178,6 +184,10 @@ def read_manifest(uri: str) -> pd.DataFrame:
     if version != str(MANIFEST_VERSION):
         raise ManifestError(f"{uri} is manifest version {version}; this code reads version {MANIFEST_VERSION}")
     problems = []
+    for name in _ADDED_LATER:
+        if name not in table.schema.names:
+            f = MANIFEST_SCHEMA.field(name)
+            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
     names = table.schema.names
     for f in MANIFEST_SCHEMA:
         if f.name not in names:
@@ -208,6 +218,9 @@ def manifest_hash(df: pd.DataFrame | pa.Table) -> str:
         s = col.astype("string")
         piece = (s.str.len().astype("string") + ":" + s).fillna("-")
         enc = piece if enc is None else enc + "|" + piece
+    if enc is not None:
+        declared = df["has_mask"].map(lambda v: "" if pd.isna(v) else f"|has_mask={bool(v)}")
+        enc = enc + declared.astype("string")
     rows = sorted(hashlib.sha256(r.encode()).digest() for r in (enc if enc is not None else []))
     h = hashlib.sha256(f"anomalymoe.manifest.v{MANIFEST_VERSION}\n".encode())
     for r in rows:
@@ -267,8 +280,10 @@ def build_manifest_from_mvtec(
 
     Reads ``<cat>/{train,validation,test}/<defect>/<image>`` (exactly that depth; deeper files such as
     native LOCO or 3D-AD trees are ignored — import them first), masks ``ground_truth/<defect>/<stem>_mask.<ext>``
-    or ``<stem>.<ext>``, and ``<cat>/defect_groups.json`` (defect -> group) when present. An anomalous image
-    without a mask gets ``mask_uri = None``: ``validate_manifest`` reports it rather than this walk failing.
+    or ``<stem>.<ext>``, and ``<cat>/defect_groups.json`` (defect -> group) when present. A category with no mask
+    files under ``ground_truth/`` has image-level labels: its anomalous rows get ``has_mask = False``. In a category
+    with masks, an anomalous image without one gets ``mask_uri = None``: ``validate_manifest`` reports it rather
+    than this walk failing.
     Categories are the folders holding images; an explicitly requested category with none is an error."""
     root = normalize_root(root_uri)
     files = storage.list_files(root, recursive=True)
@@ -308,6 +323,7 @@ def build_manifest_from_mvtec(
         if absent:
             raise ManifestError(f"{dataset}: no images for category(ies) {absent} under {root}")
     rows = []
+    with_gt = {c for c, _, _ in masks}
     for cat in cats:
         groups = _read_defect_groups(groups_files[cat]) if cat in groups_files else {}
         for split, defect, name, parts in images[cat]:
@@ -326,6 +342,7 @@ def build_manifest_from_mvtec(
                     "defect_group": group,
                     "mask_uri": mask_uri,
                     "component_mask_uri": None,
+                    "has_mask": False if label and cat not in with_gt else None,
                 }
             )
     if not rows:
@@ -365,7 +382,9 @@ PROBLEM_CODES: dict[str, str] = {
     "corrupt_image": "the image cannot be opened or decoded",
     "truncated_image": "the image file is truncated",
     "image_too_large": "the image exceeds the pixel limit (decompression-bomb guard); not decoded",
-    "missing_mask": "an anomalous image of a dataset with pixel ground truth has no mask",
+    "missing_mask": "an anomalous image declares a mask (has_mask, or a dataset with pixel ground truth) but has "
+                    "none; an image-level label says has_mask = false",
+    "mask_not_declared": "has_mask is false but the row names a mask_uri",
     "missing_mask_file": "the mask file does not exist",
     "corrupt_mask": "the mask cannot be read, opened or decoded",
     "mask_size_mismatch": "the mask's size differs from the image's",
@@ -542,8 +561,16 @@ def validate_manifest(
             add(i, "label_defect_mismatch", f"label {int(label)} with defect {defect!r}")
         if label == 1 and split == "train":
             add(i, "anomalous_in_train", f"anomalous image (defect {defect!r}) in the train split")
-        if label == 1 and pd.isna(m.at[i, "mask_uri"]) and m.at[i, "dataset"] not in no_pixel_gt:
-            add(i, "missing_mask", f"anomalous image (defect {defect!r}) has no mask_uri")
+        declared = m.at[i, "has_mask"]
+        if not pd.isna(declared) and not declared and not pd.isna(m.at[i, "mask_uri"]):
+            add(i, "mask_not_declared", "has_mask is false but mask_uri is given")
+        if label == 1 and pd.isna(m.at[i, "mask_uri"]):
+            if not pd.isna(declared) and declared:
+                add(i, "missing_mask", f"anomalous image (defect {defect!r}) declares a mask (has_mask) but has no "
+                                       "mask_uri")
+            elif pd.isna(declared) and m.at[i, "dataset"] not in no_pixel_gt:
+                add(i, "missing_mask", f"anomalous image (defect {defect!r}) has no mask_uri (an image-level label "
+                                       "only? set has_mask = false)")
     cat_problems, empty = _category_problems(m, required_splits)
     problems += cat_problems
 

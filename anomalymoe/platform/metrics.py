@@ -206,6 +206,8 @@ class AnomalyMetrics:
         # Sum over GT regions r of bincount(keys of r) / |r|.
         self._pro_hist = np.zeros(NUM_KEYS, dtype=np.float64)
         self._num_regions = 0
+        self._pixel_images = 0  # images whose pixels were counted (an image-level label only is not)
+        self._pixel_anomalous = 0
 
     @property
     def nbytes(self) -> int:
@@ -213,12 +215,14 @@ class AnomalyMetrics:
         lists = sum(a.nbytes for a in self._scores) + sum(a.nbytes for a in self._labels)
         return lists + self._pixel_hist.nbytes + self._pro_hist.nbytes
 
-    def update(self, scores: Any, labels: Any, maps: Any = None, masks: Any = None) -> None:
+    def update(self, scores: Any, labels: Any, maps: Any = None, masks: Any = None, covered: Any = None) -> None:
         """Add a batch.
 
         scores: [B] image scores; labels: [B] in {0, 1}; maps: [B, H, W] (or [B, 1, H, W]) pixel
         scores and masks: same shape, binary GT. numpy arrays or torch tensors (any device).
         maps/masks are required iff the accumulator was built with ``pixel=True``.
+        covered: [B] bool, the images whose masks are known (default all); the others (an anomalous image with an
+        image-level label only) count in the image metrics and not in the pixel metrics or AUPRO.
         """
         s, y = _scores_labels(scores, labels)
         if self.pixel:
@@ -228,7 +232,16 @@ class AnomalyMetrics:
             b = _maps_shape(maps, "maps")[0]
             if b != s.size:
                 raise ValueError(f"maps hold {b} images but scores hold {s.size}")
-            self._update_pixels(maps, masks)  # validate pixels before committing image scores
+            keep = np.ones(b, dtype=bool) if covered is None else np.asarray(_to_numpy(covered), dtype=bool)
+            if keep.shape != (b,):
+                raise ValueError(f"covered must be [{b}] booleans, got shape {keep.shape}")
+            if keep.all():
+                self._update_pixels(maps, masks)  # validate pixels before committing image scores
+            elif keep.any():
+                idx = np.flatnonzero(keep)
+                self._update_pixels(_to_numpy(maps)[idx], _to_numpy(masks)[idx])
+            self._pixel_images += int(keep.sum())
+            self._pixel_anomalous += int((keep & y).sum())
         elif maps is not None or masks is not None:
             raise ValueError("maps/masks given to an accumulator built with pixel=False")
         self._scores.append(s.copy())
@@ -277,6 +290,8 @@ class AnomalyMetrics:
         self._pixel_hist += other._pixel_hist
         self._pro_hist += other._pro_hist
         self._num_regions += other._num_regions
+        self._pixel_images += other._pixel_images
+        self._pixel_anomalous += other._pixel_anomalous
 
     def _image_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         if len(self._scores) > 1:  # consolidate so repeated compute() does not re-concatenate
@@ -318,6 +333,8 @@ class AnomalyMetrics:
             "aupro": self._aupro() if self.pixel else nan,
             "num_images": int(s.size),
             "num_anomalous": int(y.sum()),
+            "pixel_images": self._pixel_images if self.pixel else 0,
+            "pixel_anomalous": self._pixel_anomalous if self.pixel else 0,
         }
 
 

@@ -80,13 +80,27 @@ def _domain_metrics(report: dict, domain: str) -> dict[str, float]:
     return {k: float(r[k]) for k in COMPARED if k in r}
 
 
+def _defined(m: dict[str, float], k: str) -> bool:
+    v = m.get(k)
+    return v is not None and not math.isnan(v)
+
+
 def _metrics_gate(cand: dict[str, float], champ: dict[str, float], tol: float, where: str) -> Gate:
-    worse = [f"{k} {cand.get(k, float('nan')):.4f} < {champ[k]:.4f}" for k in COMPARED
-             if k in champ and not math.isnan(champ[k])
-             and (math.isnan(cand.get(k, float("nan"))) or cand[k] < champ[k] - tol)]
-    shown = ", ".join(f"{k} {cand.get(k, float('nan')):.4f} vs {champ.get(k, float('nan')):.4f}" for k in COMPARED)
+    """Compare the metrics both sides have: on data with image-level labels only, pixel metrics are undefined on
+    both, and image AUROC decides. A metric the champion has and the candidate lacks fails (same data, same code:
+    that is a broken candidate); none in common fails too."""
+    lost = [k for k in COMPARED if _defined(champ, k) and not _defined(cand, k)]
+    common = [k for k in COMPARED if _defined(champ, k) and _defined(cand, k)]
+    worse = [f"{k} {cand[k]:.4f} < {champ[k]:.4f}" for k in common if cand[k] < champ[k] - tol]
+    worse += [f"{k} undefined for the candidate ({champ[k]:.4f} for the champion)" for k in lost]
+    shown = ", ".join(f"{k} {cand[k]:.4f} vs {champ[k]:.4f}" for k in common)
+    skipped = [k for k in COMPARED if k not in common and k not in lost]
+    if skipped:
+        shown += f" ({', '.join(skipped)} not compared: undefined on this data)"
     if worse:
         return Gate("not worse than champion", False, f"{where}: worse on {'; '.join(worse)} (tolerance {tol})")
+    if not common:
+        return Gate("not worse than champion", False, f"{where}: no metric defined for both ({COMPARED})")
     return Gate("not worse than champion", True, f"{where}: {shown}")
 
 

@@ -406,7 +406,7 @@ def connect_ray(address: str | None) -> None:
 
 
 def _prepare_data(spec: JobSpec, model: AnomalyMoE):
-    from .data import resolve_data
+    from .data import check_calibration_split, describe_categories, resolve_data
     from .manifest import ensure_valid
     from .pipeline import holdout_split
     from .segmentation import SegmentParams, prepare_parts
@@ -423,6 +423,10 @@ def _prepare_data(spec: JobSpec, model: AnomalyMoE):
     train, held = holdout_split(normal, spec.holdout, seed=spec.train.seed)
     if train.empty:
         raise ValueError("no training images left after the calibration hold-out")
+    for line in describe_categories(df, train, held):
+        print(line, flush=True)
+    for warning in check_calibration_split(normal, held, spec.holdout):
+        print(f"[data] WARNING {warning}", flush=True)
     return df, kept, train.reset_index(drop=True), held.reset_index(drop=True)
 
 
@@ -536,7 +540,7 @@ def finish(prep: Prepared, model: AnomalyMoE, history: list[dict], run_id: str, 
     write_json(out / HISTORY, history)
     final = {k: float(v) for k, v in (history[-1] if history else {}).items() if isinstance(v, int | float)}
     if report is not None:
-        final.update({f"test_{k}": float(v) for k, v in report["mean"].items() if v == v})
+        final.update({f"test_{k}": float(v) for k, v in report["mean"].items() if isinstance(v, float) and v == v})
         for d, r in report.get("domains", {}).items():
             final.update({f"test_{d}_{k}": float(v) for k, v in r.items() if isinstance(v, float) and v == v})
     if t0 is not None:

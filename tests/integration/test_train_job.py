@@ -196,6 +196,48 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_head, tiny_data, tmp_pat
         assert summary["metrics"][k] == pytest.approx(ref_summary["metrics"][k], abs=1e-4), k
 
 
+def test_image_level_labels_train_evaluate_and_promote(ray_head, tiny_data, tmp_path):
+    """A dataset in the MVTec layout without ground_truth/ (one label per image, no pixel masks, the common case in a
+    plant): the job trains on it, says per category what it uses, reports image metrics and the pixel metrics as not
+    covered (with counts and the reason), registers; promotion's gates compare two versions on what both have."""
+    import shutil
+
+    root = tmp_path / "image-level"
+    shutil.copytree(tiny_data[0], root)
+    for gt in root.glob("*/ground_truth"):
+        shutil.rmtree(gt)
+    env = driver_env(ray_head, tmp_path)
+
+    def train(name: str, seed: int) -> tuple[dict, str]:
+        args = ["jobs/train.py", "--config", str(tiny_data[1]), "--data", f"textures={root}", "--workers", "1",
+                "--steps", "4", "--seed", str(seed), "--name", name, "--storage", str(tmp_path / "runs"),
+                "--output", str(tmp_path / name), "--experiment", "itest"]
+        return run_driver(args, env, tmp_path / f"{name}.log"), (tmp_path / f"{name}.log").read_text()
+
+    summary, text = train("image-level", 0)
+    assert ("[data] textures/brick: train 10 normal, calibration 2 normal, test 3 normal + 4 flagged (0 with pixel "
+            "masks)") in text
+    assert "[data] WARNING textures/brick: its threshold is fitted on 2 held-out normal images" in text
+    report = json.loads((tmp_path / "image-level" / "eval" / "report.json").read_text())
+    brick = report["categories"]["textures/brick"]
+    assert 0.0 <= brick["image_auroc"] <= 1.0 and brick["pixel_auroc"] is None and brick["aupro"] is None
+    counts = (brick["num_images"], brick["num_anomalous"], brick["pixel_images"], brick["pixel_anomalous"])
+    assert counts == (7, 4, 3, 0)  # image metrics on all 7 test images, pixel metrics only on the 3 normal ones
+    assert "need masks" in brick["pixel_note"] and "need masks" in report["domains"]["textures"]["pixel_note"]
+    assert "| images | pixel |" in (tmp_path / "image-level" / "eval" / "metrics.md").read_text()
+
+    def promote(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "jobs/promote.py", "--domain", "textures", *extra], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    r = promote()
+    assert r.returncode == 0 and "promoted" in r.stdout, r.stdout + r.stderr
+    summary2, _ = train("image-level-2", 1)
+    r = promote("--data", f"textures={root}", "--tolerance", "1")  # both evaluated now on the same images
+    assert "pixel_auroc not compared: undefined on this data" in r.stdout, r.stdout + r.stderr
+    assert "promoted" in r.stdout and summary2["versions"]["textures"] in r.stdout
+
+
 def test_killed_driver_rerun_with_same_name_resumes(ray_head, tiny_data, tmp_path, reference):
     """Kill the driver (the `python jobs/train.py` process) after a checkpoint; the same command again resumes
     that run: same MLflow run, training continues from the checkpoint and ends at STEPS."""

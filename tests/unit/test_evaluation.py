@@ -231,3 +231,31 @@ def test_ray_data_loader_gives_the_same_report(setup):
     same(r, setup["report"])
     with pytest.raises(ValueError, match="loader"):
         evaluate(setup["model"], setup["test"], kept=setup["kept"], progress=False, loader="threads")
+
+
+def test_image_level_labels_get_image_metrics_and_pixel_metrics_where_masks_are(setup):
+    model, test, kept = setup["model"], setup["test"], setup["kept"]
+    full = setup["report"]["categories"]
+    flagged = test["label"] == 1
+    image_only = test.assign(mask_uri=test["mask_uri"].where(~flagged, None), has_mask=flagged.map({True: False,
+                                                                                                   False: None}))
+    r = evaluate(model, image_only, batch_size=5, kept=kept, panels_per_category=0, progress=False)
+    for key, c in r["categories"].items():
+        same(c["image_auroc"], full[key]["image_auroc"], key)  # image metrics: every image, as with masks
+        assert math.isnan(c["pixel_auroc"]) and math.isnan(c["aupro"]), key
+        assert c["pixel_anomalous"] == 0 and c["pixel_images"] == c["num_images"] - c["num_anomalous"]
+        assert "need masks" in c["pixel_note"]
+    assert "need masks" in r["domains"]["objects"]["pixel_note"]
+    # the written report says null, with the reason, and how many images each metric covers
+    safe = _json_safe(r)
+    assert safe["categories"]["objects/tray"]["pixel_auroc"] is None
+    assert "| images | pixel |" in metrics_table(r)
+    # half of the flagged rows with masks: pixel metrics over those (and every normal image) only
+    rows = test.index[flagged]
+    half = test.assign(mask_uri=test["mask_uri"].where(~test.index.isin(rows[::2]), None))
+    rh = evaluate(model, half, batch_size=5, kept=kept, panels_per_category=0, progress=False)
+    tray = rh["categories"]["objects/tray"]
+    n_flagged_tray = int((flagged & (test["category"] == "tray")).sum())
+    n_masked_tray = int((half["mask_uri"].notna() & flagged & (test["category"] == "tray")).sum())
+    assert tray["pixel_anomalous"] == n_masked_tray < n_flagged_tray and not math.isnan(tray["pixel_auroc"])
+    assert "pixel_note" not in tray

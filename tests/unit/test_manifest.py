@@ -375,11 +375,38 @@ def test_pixel_limit_and_datasets_without_masks(tmp_path):
     _write(root / "a" / "test" / "good" / "000.png", _png((20, 20)))
     _write(root / "a" / "test" / "bad" / "000.png", _png((20, 20)))
     df = build_manifest_from_mvtec(str(root), "d", "nogt")
-    report = validate_manifest(df, max_pixels=1000)  # 40x40 = 1600 px > 1000: reported, not decoded
     bad_row = int(df.index[df.defect == "bad"][0])
-    assert [(p.row, p.code) for p in report.problems] == sorted([(0, "image_too_large"), (bad_row, "missing_mask")])
+    # no ground_truth/ at all: image-level labels, said in the has_mask column (normal rows leave it unset)
+    assert not pd.isna(df.at[bad_row, "has_mask"]) and not df.at[bad_row, "has_mask"]
+    assert df.loc[df.label == 0, "has_mask"].isna().all()
+    report = validate_manifest(df, max_pixels=1000)  # 40x40 = 1600 px > 1000: reported, not decoded
+    assert [(p.row, p.code) for p in report.problems] == [(0, "image_too_large")]
     assert report.manifest.width[0] == 40  # the header was read, the pixels were not
-    assert validate_manifest(df, no_pixel_gt={"nogt"}, max_pixels=None).ok
+    # unset (as manifests written before the column): an anomalous row needs its mask unless its dataset has none
+    legacy = df.assign(has_mask=None)
+    assert [(p.row, p.code) for p in validate_manifest(legacy, max_pixels=None).problems] == [(bad_row, "missing_mask")]
+    assert validate_manifest(legacy, no_pixel_gt={"nogt"}, max_pixels=None).ok
+    # declared and missing is refused; declared false with a mask named is a contradiction
+    declared = df.copy()
+    declared.at[bad_row, "has_mask"] = True
+    assert [p.code for p in validate_manifest(declared, max_pixels=None).problems] == ["missing_mask"]
+    odd = df.copy()
+    odd.at[bad_row, "mask_uri"] = str(root / "a" / "test" / "good" / "000.png")
+    assert [p.code for p in validate_manifest(odd, max_pixels=None).problems] == ["mask_not_declared"]
+
+
+def test_has_mask_leaves_old_hashes_alone_and_old_files_read(tmp_path, textures_df):
+    h = mf.manifest_hash(textures_df)
+    assert textures_df["has_mask"].isna().all()  # the demo tree has masks: nothing to declare
+    assert mf.manifest_hash(textures_df.drop(columns=["has_mask"])) == h  # as before the column existed
+    flagged = textures_df.copy()
+    flagged.loc[flagged.label == 1, ["mask_uri", "has_mask"]] = [None, False]
+    assert mf.manifest_hash(flagged) != mf.manifest_hash(flagged.assign(has_mask=None))  # a declaration is content
+    # a Parquet file written before the column existed still reads, with has_mask null
+    table = mf.to_table(textures_df).drop_columns(["has_mask"])
+    pq.write_table(table.replace_schema_metadata(mf.MANIFEST_SCHEMA.metadata), tmp_path / "old.parquet")
+    back = mf.read_manifest(str(tmp_path / "old.parquet"))
+    assert back["has_mask"].isna().all() and mf.manifest_hash(back) == h
 
 
 def test_component_mask_uris_are_checked(tmp_path, textures_df):

@@ -372,3 +372,30 @@ def test_image_only_accumulator_and_overflow_warning() -> None:
     assert math.isnan(out["pixel_auroc"]) and math.isnan(out["aupro"])
     with pytest.warns(RuntimeWarning, match="float16 range"):
         float16_keys(np.array([1e6, 1.0]))
+
+
+def test_images_without_known_masks_count_in_image_metrics_only() -> None:
+    maps, masks = random_pixels(7)
+    labels = image_labels(masks)
+    covered = np.ones(len(labels), dtype=bool)
+    covered[np.flatnonzero(labels)[::2]] = False  # every other anomalous image has an image-level label only
+    acc = AnomalyMetrics()
+    acc.update(maps.max((1, 2)), labels, maps, masks, covered)
+    ref_pix = AnomalyMetrics()  # the pixel metrics of the covered images alone
+    ref_pix.update(maps[covered].max((1, 2)), labels[covered], maps[covered], masks[covered])
+    ref_img = AnomalyMetrics(pixel=False)  # the image metrics of every image
+    ref_img.update(maps.max((1, 2)), labels)
+    r, rp, ri = acc.compute(), ref_pix.compute(), ref_img.compute()
+    for k in ("pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro"):
+        assert r[k] == rp[k], k
+    for k in ("image_auroc", "image_ap", "image_f1_max", "num_images", "num_anomalous"):
+        assert r[k] == ri[k], k
+    assert r["pixel_images"] == int(covered.sum()) and r["pixel_anomalous"] == int((covered & (labels == 1)).sum())
+    # none covered among the anomalous: pixel metrics are undefined (NaN), image metrics are not
+    none = AnomalyMetrics()
+    none.update(maps.max((1, 2)), labels, maps, masks, labels == 0)
+    rn = none.compute()
+    assert math.isnan(rn["pixel_auroc"]) and math.isnan(rn["aupro"]) and rn["image_auroc"] == ri["image_auroc"]
+    assert rn["pixel_anomalous"] == 0
+    with pytest.raises(ValueError, match="covered must be"):
+        none.update(maps.max((1, 2)), labels, maps, masks, covered[:3])

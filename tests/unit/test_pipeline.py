@@ -116,6 +116,27 @@ def test_holdout_split_per_category_seeded_disjoint_complete():
     assert none_held.empty
 
 
+def test_too_few_calibration_images_are_refused_or_warned_by_name():
+    from anomalymoe.platform.data import STABLE_CALIBRATION_IMAGES, check_calibration_split, describe_categories
+
+    normal = _frame({("a", "x"): 60, ("a", "y"): 20, ("b", "z"): 5})
+    train, held = holdout_split(normal, 0.2, seed=0)  # x: 12 held, y: 4, z: 1
+    with pytest.raises(ValueError, match=r"b/z: 1 held-out normal image\(s\) of 5 \(--holdout 0.2\)") as e:
+        check_calibration_split(normal, held, 0.2)
+    assert "a/x" not in str(e.value) and "a/y" not in str(e.value)
+    ok = normal[normal["category"] != "z"]
+    train, held = holdout_split(ok, 0.2, seed=0)
+    warnings = check_calibration_split(ok, held, 0.2)
+    assert len(warnings) == 1 and warnings[0].startswith("a/y: its threshold is fitted on 4 held-out normal images")
+    assert f"{STABLE_CALIBRATION_IMAGES}+" in warnings[0] and "1 in 5" in warnings[0]
+    # the job's per-category line: what each metric will rest on
+    test = pd.DataFrame({"uri": ["t1", "t2", "t3"], "domain": "a", "category": "x", "split": "test",
+                         "label": [0, 1, 1], "mask_uri": [None, "m2", None]})
+    lines = describe_categories(pd.concat([ok, test], ignore_index=True), train, held)
+    assert lines[0] == ("[data] a/x: train 48 normal, calibration 12 normal, test 1 normal + 2 flagged "
+                        "(1 with pixel masks)")
+
+
 # ------------------------------------------------------------------------------------------ decoding
 def _write_rgb(path: Path, size: int, seed: int) -> np.ndarray:
     arr = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)

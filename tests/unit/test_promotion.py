@@ -121,3 +121,20 @@ def test_promote_job_refuses_with_reasons(store, data):
     r = subprocess.run([sys.executable, "jobs/promote.py", "--domain", "nowhere"], capture_output=True, text=True,
                        cwd=Path(__file__).resolve().parents[2], timeout=120)
     assert r.returncode != 0 and "no alias 'challenger'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_metrics_gate_compares_what_both_sides_have():
+    nan = float("nan")
+    # image-level labels only: pixel metrics undefined on both sides, image AUROC decides
+    g = promotion._metrics_gate({"image_auroc": 0.9, "pixel_auroc": nan}, {"image_auroc": 0.8, "pixel_auroc": nan},
+                                0.0, "here")
+    assert g.passed and "pixel_auroc not compared" in g.reason
+    g = promotion._metrics_gate({"image_auroc": 0.7, "pixel_auroc": nan}, {"image_auroc": 0.8, "pixel_auroc": nan},
+                                0.0, "here")
+    assert not g.passed and "image_auroc 0.7000 < 0.8000" in g.reason
+    # a metric the champion has and the candidate lacks on the same data fails; nothing in common fails
+    g = promotion._metrics_gate({"image_auroc": 0.9, "pixel_auroc": nan}, {"image_auroc": 0.8, "pixel_auroc": 0.9},
+                                0.0, "here")
+    assert not g.passed and "pixel_auroc undefined for the candidate" in g.reason
+    g = promotion._metrics_gate({"image_auroc": nan}, {"image_auroc": nan}, 0.0, "here")
+    assert not g.passed and "no metric defined for both" in g.reason
