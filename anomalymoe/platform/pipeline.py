@@ -21,7 +21,7 @@ from typing import TypeVar
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 
 from . import storage
@@ -115,10 +115,32 @@ class Frame:
         return im.crop((off, off, off + self.size, off + self.size))
 
 
+_HIGH_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def to_rgb8(im: Image.Image) -> Image.Image:
+    """Any image Pillow opens -> 8-bit RGB as a person would see it: EXIF orientation applied (a phone or camera
+    photo stored sideways is turned upright); 16-bit and 32-bit grey (EL, X-ray, thermal sensors) scaled by their
+    type's range (0..65535, or 0..1 / 0..max for floats) instead of Pillow's clip to 255 (a 16-bit image went
+    near-white); grey, palette and alpha images to RGB (alpha dropped)."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in _HIGH_DEPTH:
+        a = np.asarray(im, dtype=np.float64)
+        top = float(a.max()) if a.size else 0.0
+        if im.mode == "F":
+            lo, hi = min(0.0, float(a.min()) if a.size else 0.0), (1.0 if top <= 1.0 else top)
+        else:  # 16-bit containers (Pillow opens them as I;16 or I), or 32-bit integers beyond that range
+            lo, hi = 0.0, (65535.0 if top <= 65535 else top)
+        a = np.clip(np.rint((a - lo) * (255.0 / max(hi - lo, 1e-12))), 0, 255).astype(np.uint8)
+        im = Image.fromarray(a, "L")
+    return im.convert("RGB")
+
+
 def decode_rgb(data: bytes, frame: int | Frame) -> np.ndarray:
-    """Encoded bytes -> uint8 [size, size, 3] through the frame's geometry (what Ray decode tasks ship)."""
+    """Encoded bytes -> uint8 [size, size, 3] through the frame's geometry (what Ray decode tasks ship; the scoring
+    service decodes through it too). Pixels as they are: to_rgb8."""
     with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(Frame.of(frame).apply(im.convert("RGB"), Image.BILINEAR))
+        return np.asarray(Frame.of(frame).apply(to_rgb8(im), Image.BILINEAR))
 
 
 def decode_image(data: bytes, frame: int | Frame) -> Tensor:

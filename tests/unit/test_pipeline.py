@@ -3,6 +3,7 @@ into model input, and the Ray Data path yielding the same rows in the same order
 
 from __future__ import annotations
 
+import io
 from collections import Counter
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from anomalymoe.models.config import BackboneConfig
 from anomalymoe.platform.pipeline import (
     TRAIN_COLUMNS,
     Frame,
+    decode_image,
+    decode_rgb,
     epoch_indices,
     holdout_split,
     load_rows,
@@ -25,6 +28,7 @@ from anomalymoe.platform.pipeline import (
     ray_rows,
     step_rows,
     to_batch,
+    to_rgb8,
 )
 
 pytestmark = pytest.mark.unit
@@ -380,3 +384,47 @@ def test_step_rows_split_one_global_batch_across_ranks():
         step_rows(df, 0, 8, world=3)
     tiny = _frame({("a", "x"): 3})  # fewer rows than one batch: rows repeat within the step
     assert len(step_rows(tiny, 0, 8)) == 8
+
+
+# ------------------------------------------------------------------------------------------ pixels as they are
+def _png_bytes(a: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a, **kw).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_16_bit_grey_scores_like_its_8_bit_twin():
+    from anomalymoe.models.anomalymoe import AnomalyMoE
+    from anomalymoe.models.config import presets
+
+    rng = np.random.default_rng(0)
+    grey8 = (rng.random((96, 160)) * 255).astype(np.uint8)
+    grey16 = grey8.astype(np.uint16) * 257  # the same picture at 16 bits (255 -> 65535)
+    png16 = _png_bytes(grey16)
+    assert Image.open(io.BytesIO(png16)).mode.startswith("I")  # Pillow reads it as 16-bit integers
+    a8, a16 = decode_rgb(_png_bytes(grey8), 64), decode_rgb(png16, 64)
+    assert np.array_equal(a8, a16)  # not clipped to white: the same pixels as the 8-bit file
+    assert abs(float(a16.mean()) - float(a8.mean())) < 1e-9 and float(a16.mean()) < 200
+    torch.manual_seed(0)
+    model = AnomalyMoE(presets()["test-tiny"]).eval()
+    size = model.cfg.backbone.img_size
+    imgs = torch.stack([decode_image(_png_bytes(grey8), size), decode_image(png16, size)])
+    s = model.predict(imgs).score
+    assert abs(float(s[0] - s[1])) <= 1e-3
+    # a 12-bit sensor's range in a 16-bit container is scaled by the container's range, as stored (no stretching)
+    dark = decode_rgb(_png_bytes((grey16 >> 4).astype(np.uint16)), 64)
+    assert int(dark.max()) <= 16
+
+
+def test_exif_orientation_is_applied():
+    rng = np.random.default_rng(1)
+    upright = (rng.random((40, 80, 3)) * 255).astype(np.uint8)  # wide
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # as a camera stores it: tall
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view"
+    buf = io.BytesIO()
+    stored.save(buf, "PNG", exif=exif)
+    with Image.open(io.BytesIO(buf.getvalue())) as im:
+        assert im.size == (40, 80)  # tall as stored
+        view = to_rgb8(im)
+    assert view.size == (80, 40) and np.array_equal(np.asarray(view), upright)
