@@ -1,5 +1,6 @@
-"""What a job's `--data` means, in one place: `demo`, a manifest (.parquet), a catalog (.yaml/.json), a dataset
-root in the MVTec layout (local or s3://), or `domain=<root>` (repeatable). Every form becomes a manifest;
+"""What a job's `--data` means, in one place: `demo`, a manifest (.parquet), a catalog (.yaml/.json), an image list
+(.csv, or .parquet without manifest metadata), a dataset root in the MVTec or the flat layout (local or s3://;
+platform/layouts.py), or `domain=<any of those>` (repeatable). Every form becomes a manifest;
 categories that the segmentation job has finished also get their component label maps and kept clusters."""
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import pandas as pd
 
 from . import storage
 from .catalog import demo_catalog, load_catalog
-from .manifest import build_manifest_from_mvtec, concat_manifests, read_manifest
+from .layouts import build_manifest
+from .manifest import concat_manifests
 from .segmentation import label_map_uri, load_kept
 
 DEMO_ROOT = Path("outputs/demo/data")
@@ -40,17 +42,14 @@ def resolve_data(specs: str | Sequence[str], *, demo_root: str | Path = DEMO_ROO
         if spec == "demo":
             ensure_demo_data(demo_root, seed, domains or ("textures", "objects"))
             frames.append(demo_catalog(str(demo_root), domains or ("textures", "objects")).build_manifest())
-        elif spec.endswith(".parquet"):
-            frames.append(read_manifest(spec))
         elif spec.endswith((".yaml", ".yml", ".json")):
             frames.append(load_catalog(spec).build_manifest(domains))
-        elif "=" in spec and not spec.startswith(("s3://", "/")):
-            domain, root = spec.split("=", 1)
-            frames.append(build_manifest_from_mvtec(root, domain, _name(root)))
-        else:
-            if not storage.is_s3(spec) and not Path(spec).exists():
-                raise FileNotFoundError(f"--data {spec!r}: no such dataset root, manifest or catalog")
-            frames.append(build_manifest_from_mvtec(spec, _name(spec), _name(spec)))
+        else:  # a manifest, an image list (.csv / .parquet), an MVTec or a flat tree; optionally domain=<that>
+            domain, root = spec.split("=", 1) if "=" in spec and not spec.startswith(("s3://", "/")) else (None, spec)
+            if not storage.is_s3(root) and not Path(root).exists():
+                raise FileNotFoundError(f"--data {spec!r}: no such dataset root, manifest, image list or catalog")
+            name = _name(root).rsplit(".", 1)[0] if Path(root).suffix.lower() in (".csv", ".parquet") else _name(root)
+            frames.append(build_manifest(root, domain or name, name, seed=seed))
     df = concat_manifests(frames)
     if domains is not None:
         df = df[df["domain"].isin(domains)]
