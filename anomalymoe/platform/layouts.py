@@ -16,7 +16,7 @@ normal, ok, 0 are normal; anything else is flagged and names the defect (unless 
 
 Where no split is given (flat layout, a list without ``split``), it is made per category with a seeded hold-out:
 train = part of the good images, test = the other good images and *every* flagged one (a flagged image never
-trains). The share and seed are `holdout_test` and `seed`."""
+trains). The share and seed are the builders' `split_share` and `seed`."""
 
 from __future__ import annotations
 
@@ -95,7 +95,8 @@ def build_manifest_from_flat(root_uri: str, domain: str, dataset: str, *, split_
     """Every image of a flat tree (see the module docstring) as manifest rows, split by `split_good`."""
     root = normalize_root(root_uri)
     files = storage.list_files(root, recursive=True)
-    flat_cats = any(len(relative_parts(root, u)) == 3 for u in files if _is_image(u.rsplit("/", 1)[-1]))
+    depth = [relative_parts(root, u) for u in files if _is_image(u.rsplit("/", 1)[-1])]
+    flat_cats = any(len(p) == 3 and p[0] != "ground_truth" for p in depth)  # else <root>/<folder>/<file>
     images: list[tuple[str, str, str]] = []  # (category, defect, uri)
     masks: dict[tuple[str, str, str], str] = {}
     ignored = 0

@@ -83,8 +83,10 @@ def test_a_flat_folder_without_a_category_level(tmp_path):
     for i in range(6):
         _img(root / "good" / f"{i}.png", i)
     _img(root / "crack" / "c.png", 9)
+    _img(root / "ground_truth" / "crack" / "c_mask.png", 10, mask=True)
     df = build_manifest_from_flat(str(root), "el", "solar_el")
     assert set(df["category"]) == {"solar_el"} and df.loc[df.label == 1, "defect"].tolist() == ["crack"]
+    assert df.loc[df.label == 1, "mask_uri"].tolist() == [str(root / "ground_truth" / "crack" / "c_mask.png")]
     assert (df["split"] == "train").sum() == 5
 
 
