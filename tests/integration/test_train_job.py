@@ -237,6 +237,38 @@ def test_image_level_labels_train_evaluate_and_promote(ray_head, tiny_data, tmp_
     assert "pixel_auroc not compared: undefined on this data" in r.stdout, r.stdout + r.stderr
     assert "promoted" in r.stdout and summary2["versions"]["textures"] in r.stdout
 
+    # and the champion is served over HTTP: a flagged image of the image-level set gets a scored answer
+    import ray
+    import requests
+    from ray import serve
+
+    from anomalymoe.platform.local_proc import free_port
+    from anomalymoe.serve.app import deploy, wait_ready
+    from anomalymoe.serve.config import DomainConfig, ServeConfig
+    from anomalymoe.serve.tenants import TenantStore
+
+    key = TenantStore(str(tmp_path / "tenants.json")).add("plant", ["textures"])
+    cfg = ServeConfig(port=free_port(), tenants_uri=str(tmp_path / "tenants.json"),
+                      domains=[DomainConfig(domain="textures", scorer_cpus=0.5, torch_threads=1)])
+    flagged = next(p for p in sorted(root.glob("brick/test/*/*.png")) if p.parent.name != "good")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+        ray.init(address=ray_head.address, log_to_driver=False)
+        try:
+            pinned = deploy(cfg, log_level="WARNING")
+            assert pinned["textures"]["version"] == summary2["versions"]["textures"]  # the champion just promoted
+            wait_ready(cfg, timeout=180)
+            resp = requests.post(f"http://{cfg.host}:{cfg.port}/v1/textures/score?category=brick",
+                                 data=flagged.read_bytes(), headers={"Authorization": f"Bearer {key}",
+                                                                     "Content-Type": "image/png"}, timeout=120)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["model"]["version"] == summary2["versions"]["textures"] and body["category"] == "textures/brick"
+    assert isinstance(body["score"], float) and isinstance(body["is_anomaly"], bool)
+
 
 def test_killed_driver_rerun_with_same_name_resumes(ray_head, tiny_data, tmp_path, reference):
     """Kill the driver (the `python jobs/train.py` process) after a checkpoint; the same command again resumes
