@@ -443,16 +443,22 @@ class AnomalyMoE(nn.Module):
     def part_bank_scores(self, out: MoEOutput) -> Tensor:
         """[K] per component row: parts.bank_scores against its category's part bank (NaN where the category has no
         bank or the slot is empty)."""
-        k = out.comp_feats.shape[0]
-        res = torch.full((k,), math.nan, device=out.comp_feats.device)
+        dev = out.comp_feats.device
+        res = torch.full((out.comp_feats.shape[0],), math.nan, device=dev)
         feats = self._bank_features(out)
+        rows: dict[str, list[int]] = {}  # category -> first component row of each of its images (one einsum each)
         start = 0
         for m, c in zip(out.masks, out.categories or [None] * out.batch_size, strict=True):
             n = 0 if m is None else m.shape[0]
             cp = self.parts.categories.get(c) if c is not None else None
             if n and cp is not None and cp.bank is not None and cp.bank.shape[1] == n:
-                res[start : start + n] = bank_scores(cp.bank, feats[start : start + n])
+                rows.setdefault(c, []).append(start)
             start += n
+        for c, firsts in rows.items():
+            n = len(self.parts.categories[c].kept)
+            idx = (torch.tensor(firsts, device=dev)[:, None] + torch.arange(n, device=dev)).flatten()
+            got = bank_scores(self.parts.categories[c].bank_on(dev), feats[idx].view(len(firsts), n, -1))
+            res[idx] = got.flatten()
         return torch.where(out.comp_valid, res, torch.full_like(res, math.nan))
 
     def _bank_features(self, out: MoEOutput) -> Tensor:

@@ -136,23 +136,38 @@ class CategoryParts:
     # what each part looks like on normal training images: [N, K, C] float16 unit slot features (the component
     # experts' input), a zero row where that image lacked the slot; None until fit_part_bank (bank_scores)
     bank: Tensor | None = None
+    _on_device: dict = field(default_factory=dict, repr=False, compare=False)  # device -> (bank, its copy there)
 
     @property
     def k(self) -> int:
         return int(self.centers.shape[0])
 
+    def bank_on(self, device: torch.device) -> Tensor | None:
+        """The bank on `device`, copied once per device (and again only after the bank is refitted)."""
+        if self.bank is None:
+            return None
+        held = self._on_device.get(str(device))
+        if held is None or held[0] is not self.bank:
+            held = (self.bank, self.bank.to(device))
+            self._on_device[str(device)] = held
+        return held[1]
+
 
 def bank_scores(bank: Tensor, feats: Tensor) -> Tensor:
-    """[K] 1 - the best cosine similarity of each slot feature ([K, C]) to the same slot in the bank's normal images
-    ([N, K, C] unit rows; an image that lacked the slot does not count); NaN for a slot no bank image has.
+    """[K] (or [M, K]) 1 - the best cosine similarity of each slot feature ([K, C], or [M, K, C] for M images of one
+    category) to the same slot in the bank's normal images ([N, K, C] unit rows; an image that lacked the slot does
+    not count); NaN for a slot no bank image has.
     The nearest normal part, PatchCore's rule per part: a part of another shape or colour is far from every normal
     instance of its slot, while the component experts' reconstruction of it, trained for a few hundred steps, is not
     yet that sharp (measured on the objects demo: docs and README)."""
-    with fp32(feats.device):
-        b = bank.to(feats.device, torch.float32)
-        sim = torch.einsum("nkc,kc->nk", b, F.normalize(feats.float(), dim=1))
-        sim = sim.masked_fill(b.abs().sum(2) == 0, -math.inf).amax(0)
-        return torch.where(torch.isfinite(sim), 1 - sim, torch.full_like(sim, math.nan))
+    with fp32(feats.device):  # float64: a score divided by a narrow normal range must not depend on the batch size
+        b = bank.to(feats.device, torch.float64)
+        f = F.normalize(feats.double(), dim=-1)
+        one = f.ndim == 2
+        sim = torch.einsum("nkc,mkc->mnk", b, f[None] if one else f)
+        sim = sim.masked_fill((b.abs().sum(2) == 0)[None], -math.inf).amax(1)
+        sim = torch.where(torch.isfinite(sim), 1 - sim, torch.full_like(sim, math.nan)).float()
+        return sim[0] if one else sim
 
 
 class Parts:

@@ -117,6 +117,14 @@ def test_bank_scores_are_the_distance_to_the_nearest_normal_part_of_the_same_slo
     assert s[0] == pytest.approx(0.0, abs=1e-6)  # like a normal instance of its slot (scale does not matter)
     assert s[1] == pytest.approx(1.0, abs=1e-6)  # what only another slot looks like: far from slot 1's parts
     assert torch.isnan(bank_scores(torch.zeros(2, 1, 4).half(), e[:1]))[0]  # no image had the slot: no score
+    # many images of a category at once give exactly what each alone gives (the service batches differently from
+    # jobs/evaluate.py, and a slot's narrow normal range magnifies any rounding difference)
+    g = torch.Generator().manual_seed(0)
+    bank = torch.nn.functional.normalize(torch.randn(64, 3, 96, generator=g), dim=2).half()
+    feats = torch.randn(9, 3, 96, generator=g)
+    together = bank_scores(bank, feats)
+    assert together.shape == (9, 3)
+    assert torch.equal(together, torch.stack([bank_scores(bank, f) for f in feats]))
 
 
 def _coloured(colour: tuple[float, float, float], n: int, seed: int) -> torch.Tensor:
