@@ -478,7 +478,7 @@ class AnomalyMoE(nn.Module):
         range, or the larger of the two; a row without a bank score or bank range keeps the experts' score."""
         z = self._normalize_slots(s, out.comp_valid, slot_norm)
         mode = self.cfg.scoring.part_appearance
-        if mode == "experts" or slot_norm.shape[1] < 5 or not self.parts:
+        if mode == "experts" or not self.parts:
             return z
         sn = slot_norm.to(z.device, torch.float32)
         with fp32(z.device):

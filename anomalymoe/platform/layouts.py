@@ -23,7 +23,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import zlib
 from collections import defaultdict
 from pathlib import PurePosixPath
 
@@ -46,6 +45,7 @@ from .manifest import (
     relative_parts,
     to_table,
 )
+from .pipeline import holdout_split
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +65,13 @@ def is_mvtec_tree(files: list[str], root: str) -> bool:
 
 def split_good(rows: pd.DataFrame, share: float = TEST_SHARE, seed: int = 0) -> pd.Series:
     """Per category, a seeded `share` of the good rows (at least one where there are two or more) -> "test", the
-    rest -> "train"; every flagged row -> "test"."""
+    rest -> "train"; every flagged row -> "test". The same seeded per-category hold-out as the calibration split
+    (pipeline.holdout_split), here over the good rows."""
     split = pd.Series("test", index=rows.index, dtype=object)
-    for cat, sub in sorted(rows[rows["label"] == 0].groupby("category"), key=lambda kv: kv[0]):
-        sub = sub.sort_values("uri")
-        n_test = max(1, round(len(sub) * share)) if len(sub) > 1 and share > 0 else 0
-        perm = np.random.default_rng([seed, zlib.crc32(str(cat).encode())]).permutation(len(sub))
-        split.loc[sub.index] = "train"
-        split.loc[sub.index[np.sort(perm[:n_test])]] = "test"
+    good = rows[rows["label"] == 0]
+    if not good.empty:
+        train, _ = holdout_split(good, share, seed, group_by=("category",))
+        split.loc[train.index] = "train"
     return split
 
 
