@@ -41,6 +41,7 @@ def bench_ablation(args) -> dict:
     from anomalymoe.models.artifact import save_artifact
     from anomalymoe.platform.data import resolve_data
     from anomalymoe.platform.evaluation import evaluate
+    from anomalymoe.platform.pipeline import Framing
     from anomalymoe.platform.segmentation import SegmentParams, prepare_parts
     from anomalymoe.platform.trainer import seed_everything, train_and_calibrate
 
@@ -60,7 +61,8 @@ def bench_ablation(args) -> dict:
         seed_everything(args.seed)
         model = AnomalyMoE(cfg.model_copy(deep=True))
         if name == "full":  # part masks from the model's own backbone pass, as the training job prepares them
-            model.parts = prepare_parts(model.backbone, df, SegmentParams(k=args.k, seed=args.seed))
+            model.parts = prepare_parts(model.backbone, df, SegmentParams(k=args.k, seed=args.seed),
+                                        framing=Framing.for_model(cfg))
         model.to_device(device)  # a GPU trains in bf16 autocast (precision.py), as the training job does there
         tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                            warmup_steps=max(1, args.steps // 10), seed=args.seed)
@@ -390,7 +392,7 @@ def bench_serve(args) -> dict:
         from anomalymoe.platform.data import resolve_data
         from anomalymoe.platform.demo_data import generate_textures
         from anomalymoe.platform.local_proc import free_port
-        from anomalymoe.platform.pipeline import Frame, load_rows
+        from anomalymoe.platform.pipeline import Framing, load_rows
         from anomalymoe.serve import inference
         from anomalymoe.serve.app import deploy, wait_ready
         from anomalymoe.serve.config import Autoscaling, DomainConfig, RateLimit, ServeConfig
@@ -405,7 +407,7 @@ def bench_serve(args) -> dict:
         mcfg = presets()[args.preset].model_copy(deep=True)
         model = AnomalyMoE(mcfg).eval()
         train = df[df["split"] == "train"]
-        images, masks = load_rows(train, Frame.for_backbone(mcfg.backbone))
+        images, masks = load_rows(train, Framing.for_model(mcfg))
         with torch.no_grad():
             model.fit_calibration([(images, masks, (train["domain"] + "/" + train["category"]).tolist())])
         art = save_artifact(model, tmp / "artifact")

@@ -22,7 +22,7 @@ import torch
 from ..models.anomalymoe import AnomalyMoE
 from ..models.config import LEVELS, presets
 from ..models.precision import device_of
-from ..platform.pipeline import Frame, category_batches, local_epochs, to_device
+from ..platform.pipeline import Framing, category_batches, local_epochs, to_device
 from ..platform.trainer import TrainConfig, fit, seed_everything
 
 
@@ -70,7 +70,7 @@ def bench_quality(args) -> dict:
     model = AnomalyMoE(model_cfg)
     model.parts = prep.model.parts  # the part segmentation prepare() loaded or fitted, as the training job's model
     model.to_device(device)
-    frame = Frame.for_backbone(model_cfg.backbone)
+    frame = Framing.for_model(model_cfg)
     epochs = local_epochs(prep.train, frame, args.batch_size, seed=args.seed, kept=prep.kept, threads=args.threads,
                           depth=4, pin=device.type == "cuda")
     t0 = time.perf_counter()

@@ -150,6 +150,50 @@ class ScoringConfig(_Strict):
     fit_level_weights: bool = True
 
 
+Aspect = Literal["squash", "letterbox"]
+# How a single-channel image's values become 0..255: "type" = its container's range (8-bit 0..255, 16-bit 0..65535,
+# float 0..1), "image" = each image's own min..max (a sensor whose gain drifts), [lo, hi] = a fixed span (a
+# thermal camera's calibrated range, an X-ray detector's useful counts). Colour images are 8-bit and kept as read.
+Intensity = Literal["type", "image"] | tuple[float, float]
+
+
+class CategoryInput(_Strict):
+    """One category's overrides of InputConfig (None = the model-wide value)."""
+    aspect: Aspect | None = Field(None, description="this category's aspect (None: input.aspect)")
+    intensity: Intensity | None = Field(None, description="this category's intensity (None: input.intensity)")
+
+
+class InputConfig(_Strict):
+    """How a stored image becomes model input, the same in training, evaluation and serving (pipeline.Framing).
+    aspect "squash": resized to the square input whatever its shape (the reference's Resize; a 4:1 strip is
+    stretched 4x across). "letterbox": the whole image fitted into the square with its aspect ratio kept, the rest
+    black; pixel metrics and the service's map cover the image only, in its own geometry. The backbone's
+    resize + centre crop applies to "squash" only (a letterboxed strip would lose its ends)."""
+    aspect: Aspect = Field("squash", description="squash: stretched to the square input (the reference); letterbox: "
+                           "aspect ratio kept, black bands, maps and pixel metrics on the image only")
+    intensity: Intensity = Field("type", description="single-channel values to 0..255: type (the container's range: "
+                                 "16-bit 0..65535), image (its own min..max) or [lo, hi] (a fixed span, clipped)")
+    categories: dict[str, CategoryInput] = Field(default_factory=dict, description="per 'domain/category': "
+                                                 "overrides of aspect and intensity")
+
+    @model_validator(mode="after")
+    def _check(self) -> InputConfig:
+        for key in self.categories:
+            if key.count("/") != 1 or not all(key.split("/")):
+                raise ValueError(f"input.categories keys are 'domain/category', got {key!r}")
+        for where, v in [("intensity", self.intensity), *((f"categories[{k}].intensity", c.intensity)
+                                                           for k, c in self.categories.items())]:
+            if isinstance(v, tuple) and not v[0] < v[1]:
+                raise ValueError(f"input.{where}: need lo < hi, got {list(v)}")
+        return self
+
+    def for_category(self, key: str | None) -> tuple[str, str | tuple[float, float]]:
+        """(aspect, intensity) for a "domain/category" key (None: the model-wide values)."""
+        c = self.categories.get(key or "")
+        return ((c.aspect if c and c.aspect else self.aspect),
+                (c.intensity if c and c.intensity is not None else self.intensity))
+
+
 class ModelConfig(_Strict):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     patch: PatchExpertConfig = Field(default_factory=PatchExpertConfig)
@@ -158,6 +202,7 @@ class ModelConfig(_Strict):
     router: RouterConfig = Field(default_factory=RouterConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    input: InputConfig = Field(default_factory=InputConfig)
     # "sparse": run only routed experts (ours); "dense": run all, zero-weight the rest (reference parity).
     execution: Literal["sparse", "dense"] = "sparse"
 
@@ -179,7 +224,10 @@ class ModelConfig(_Strict):
         return self
 
     def to_dict(self) -> dict:
-        return self.model_dump(mode="json", by_alias=True)
+        out = self.model_dump(mode="json", by_alias=True)
+        if self.input == InputConfig():  # added after artifacts were written: unset, it hashes as before it existed
+            del out["input"]
+        return out
 
     def config_hash(self) -> str:
         """Stable hash of everything that changes the model's outputs (weights hash included)."""

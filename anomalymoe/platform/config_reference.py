@@ -32,6 +32,9 @@ def _sections() -> list[tuple[str, str, type]]:
                                                                 mc.ComponentExpertConfig),
         ("Model · router", "", mc.RouterConfig), ("Model · losses", "", mc.LossConfig),
         ("Model · scoring", "", mc.ScoringConfig),
+        ("Model · input", "how stored images become model input, the same in training, evaluation and serving",
+         mc.InputConfig),
+        ("Model · input per category", "one entry of `input.categories:` (key 'domain/category')", mc.CategoryInput),
         ("Training", "`train:` section (jobs/train.py, jobs/tune.py)", TrainConfig),
         ("Training job", "`job:` section, or the flags of jobs/train.py", JobSpec),
         ("Serving", "ServeConfig YAML (jobs/serve.py --config, infra/serve/*.yaml)", sc.ServeConfig),
@@ -92,7 +95,8 @@ def render_reference() -> str:
              "Unknown keys are errors everywhere (a typo never passes silently).", ""]
     for title, where, cls in _sections():
         lines += [f"## {title}", ""]
-        doc = (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        doc = (cls.__doc__ or "").strip().split("\n\n")[0]
+        doc = " ".join(doc.split())
         if where:
             lines += [f"*{where}*", ""]
         if doc and not doc.startswith(cls.__name__ + "("):

@@ -111,3 +111,21 @@ def describe_categories(df: pd.DataFrame, train: pd.DataFrame, held: pd.DataFram
                      f"normal, test {int((t['label'] == 0).sum())} normal + {len(flagged)} flagged "
                      f"({int(has_mask[flagged.index].sum())} with pixel masks)")
     return lines
+
+
+def describe_framing(model_cfg, df: pd.DataFrame) -> list[str]:
+    """The input frame (InputConfig) of every category that is not the model-wide default, one `[data]` line each;
+    an override naming a category the data does not have is an error (a typo would silently change nothing)."""
+    have = set(df["domain"].astype(str) + "/" + df["category"].astype(str))
+    unknown = sorted(set(model_cfg.input.categories) - have)
+    if unknown:
+        raise ValueError(f"input.categories names {unknown}, which the data does not have (its categories: "
+                         f"{sorted(have)})")
+    lines = []
+    base = model_cfg.input.for_category(None)
+    if base != ("squash", "type"):
+        lines.append(f"[data] every category: aspect {base[0]}, intensity {base[1]}")
+    for key in sorted(model_cfg.input.categories):
+        aspect, intensity = model_cfg.input.for_category(key)
+        lines.append(f"[data] {key}: aspect {aspect}, intensity {intensity}")
+    return lines

@@ -24,12 +24,12 @@ from ..models.config import LEVELS  # noqa: E402
 from ..models.scoring import LevelNorm  # noqa: E402
 from . import storage  # noqa: E402
 from .metrics import AnomalyMetrics  # noqa: E402
-from .pipeline import Frame, decode_label_map, load_rows, ray_rows, to_batch, to_device  # noqa: E402
+from .pipeline import Framing, decode_label_map, load_rows, ray_rows, to_batch, to_device  # noqa: E402
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "f1_max", "pixel_f1_max")
 
 
-COUNT_KEYS = ("num_images", "num_anomalous", "pixel_images", "pixel_anomalous")
+COUNT_KEYS = ("num_images", "num_anomalous", "pixel_images", "pixel_anomalous", "pixels")
 NO_PIXEL_GT = ("no anomalous image here has a pixel mask (image-level labels only): pixel AUROC, pixel AP / F1 "
                "and AUPRO need masks")
 
@@ -87,12 +87,14 @@ def save_panel(path: Path, image: torch.Tensor, gt: torch.Tensor, amap: torch.Te
     plt.close(fig)
 
 
-def _decoded(df: pd.DataFrame, frame: Frame, batch_size: int, kept: dict | None, loader: str):
-    """(rows, images, component masks) per batch, in manifest order."""
+def _decoded(df: pd.DataFrame, frame: Framing, batch_size: int, kept: dict | None, loader: str):
+    """(rows, images, component masks, each image's own (width, height)) per batch, in manifest order."""
     if loader == "local":
         for start in range(0, len(df), batch_size):
             chunk = df.iloc[start : start + batch_size]
-            yield (chunk, *load_rows(chunk, frame, kept))
+            sizes: list[tuple[int, int]] = []
+            images, masks = load_rows(chunk, frame, kept, sizes=sizes)
+            yield chunk, images, masks, sizes
     elif loader == "ray":
         start = 0
         for b in ray_rows(df, frame).iter_batches(batch_size=batch_size, batch_format="pandas", prefetch_batches=2):
@@ -100,16 +102,16 @@ def _decoded(df: pd.DataFrame, frame: Frame, batch_size: int, kept: dict | None,
             if b["uri"].tolist() != chunk["uri"].tolist():
                 raise RuntimeError("Ray Data returned rows out of order")  # preserve_order is set; never expected
             start += len(b)
-            yield (chunk, *to_batch(b, kept))
+            yield (chunk, *to_batch(b, kept), list(zip(b["width"].tolist(), b["height"].tolist(), strict=True)))
     else:
         raise ValueError(f"loader must be 'local' or 'ray', got {loader!r}")
 
 
-def _gt_masks(rows: pd.DataFrame, frame: Frame) -> torch.Tensor:
+def _gt_masks(rows: pd.DataFrame, frame: Framing, sizes: list[tuple[int, int]]) -> torch.Tensor:
     size, out = frame.size, []
-    for uri in rows["mask_uri"]:
+    for uri, key, wh in zip(rows["mask_uri"], rows["cat_key"], sizes, strict=True):
         if isinstance(uri, str) and uri:
-            out.append(torch.from_numpy(decode_label_map(storage.read_bytes(uri), frame) > 0))
+            out.append(torch.from_numpy(decode_label_map(storage.read_bytes(uri), frame.for_key(key), wh) > 0))
         else:
             out.append(torch.zeros(size, size, dtype=torch.bool))
     return torch.stack(out)
@@ -173,7 +175,7 @@ def evaluate(model: AnomalyMoE, manifest: pd.DataFrame, *, batch_size: int = 8, 
 def _evaluate(model: AnomalyMoE, manifest: pd.DataFrame, batch_size: int, out_dir, panels_per_category: int,
               kept: dict | None, progress: bool, loader: str) -> dict:
     device = next(model.parameters()).device
-    frame = Frame.for_backbone(model.cfg.backbone)
+    frame = Framing.for_model(model.cfg)
     # a category the model has parts for is scored with the masks it derives itself, as the service scores it;
     # stored label maps are read only for categories it does not cover
     kept = {k: v for k, v in (kept or {}).items() if not model.parts.covers(k)}
@@ -187,17 +189,21 @@ def _evaluate(model: AnomalyMoE, manifest: pd.DataFrame, batch_size: int, out_di
     rows, panels_shown = [], {}
     routing_hist: dict[str, np.ndarray] = {}
     bar = tqdm(total=len(df), desc="evaluate", disable=not progress, dynamic_ncols=True)
-    for chunk, images, masks in _decoded(df, frame, batch_size, kept, loader):
+    for chunk, images, masks, sizes in _decoded(df, frame, batch_size, kept, loader):
         pred = model.predict(*to_device((images, masks), device), chunk["cat_key"].tolist())
         maps = pred.anomaly_map  # at scoring.map_size (default: the input size): ground truth is read at that size
-        gt = _gt_masks(chunk, frame.scaled(maps.shape[-1]))
+        at_map = frame.scaled(maps.shape[-1])
+        gt = _gt_masks(chunk, at_map, sizes)
         sel = pred.routing.mask.cpu().numpy()
         for i, r in enumerate(chunk.itertuples(index=False)):
             group = r.defect_group if isinstance(r.defect_group, str) and r.defect_group else None
             # a normal image's mask is known (empty); an anomalous one's only where the row has one
             covered = int(r.label) == 0 or (isinstance(r.mask_uri, str) and bool(r.mask_uri))
-            acc.update(r.cat_key, int(r.label), r.defect, group, pred.score[i : i + 1],
-                       torch.tensor([int(r.label)]), maps[i : i + 1], gt[i : i + 1], covered)
+            # pixels of the image only: a letterboxed image's black border is not scored (the same box the
+            # service's map is cut to)
+            x0, y0, x1, y1 = at_map.for_key(r.cat_key).content_box(*sizes[i])
+            acc.update(r.cat_key, int(r.label), r.defect, group, pred.score[i : i + 1], torch.tensor([int(r.label)]),
+                       maps[i : i + 1, y0:y1, x0:x1], gt[i : i + 1, y0:y1, x0:x1], covered)
             routing_hist.setdefault(r.domain, np.zeros(sel.shape[1], dtype=np.int64))
             routing_hist[r.domain] += sel[i]
             rows.append({
@@ -218,8 +224,9 @@ def _evaluate(model: AnomalyMoE, manifest: pd.DataFrame, batch_size: int, out_di
                          f"(normalized {float(pred.normalized_score[i]):.2f}, threshold "
                          f"{float(pred.threshold[i]):.4f}) -> {verdict}")
                 shown_img = torch.nn.functional.interpolate(images[i : i + 1], size=maps.shape[-2:], mode="bilinear")[0]
+                lv_maps = {lv: m[y0:y1, x0:x1] if m.shape[-1] == maps.shape[-1] else m for lv, m in lv_maps.items()}
                 save_panel(out / "panels" / r.domain / r.category / f"{r.defect}_{Path(r.uri).stem}.png",
-                           shown_img, gt[i], maps[i], title, lv_maps)
+                           shown_img[:, y0:y1, x0:x1], gt[i, y0:y1, x0:x1], maps[i, y0:y1, x0:x1], title, lv_maps)
         bar.update(len(chunk))
     bar.close()
     report = build_report(acc, routing_hist, model, len(df))

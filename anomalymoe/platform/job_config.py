@@ -56,6 +56,7 @@ RANDOM_WEIGHTS = "random"  # backbone.weights asked for by name: a random-init b
 UNIT_TEST_BACKBONE = "test_tiny_vit"  # random by construction: no weights asked for
 WARMUP_SHARE = 0.1  # an unset warm-up is this share of the steps (the rule --steps has always followed)
 MODEL_FLAGS = {"backbone": "name", "weights": "weights"}  # flag -> backbone field
+INPUT_FLAGS = {"aspect": "aspect"}  # flag -> model.input field (InputConfig)
 TRAIN_FLAGS = ("steps", "batch_size", "lr", "warmup_steps", "seed")
 JOB_FIELDS = tuple(f.name for f in dataclasses.fields(JobSpec) if f.name not in ("model", "train"))
 
@@ -158,7 +159,7 @@ def layer(ref: str | Path | None = None, flags: Mapping[str, Any] | None = None)
     as a full ModelConfig dict (backbone.weights may still be "random"), train and job holding only the keys some
     layer set. `to_spec` turns it into a JobSpec."""
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
-    unknown = set(flags) - set(MODEL_FLAGS) - set(TRAIN_FLAGS) - set(JOB_FIELDS)
+    unknown = set(flags) - set(MODEL_FLAGS) - set(INPUT_FLAGS) - set(TRAIN_FLAGS) - set(JOB_FIELDS)
     if unknown:
         raise ConfigError(f"unknown flags {sorted(unknown)}")
     conf = load_config(ref)
@@ -168,6 +169,9 @@ def layer(ref: str | Path | None = None, flags: Mapping[str, Any] | None = None)
     for flag, key in MODEL_FLAGS.items():
         if flag in flags:
             model["backbone"][key] = flags[flag]
+    for flag, key in INPUT_FLAGS.items():
+        if flag in flags:
+            model.setdefault("input", {})[key] = flags[flag]
     train = {k: v for k, v in conf["train"].items() if k != "warmup_ratio"}
     train.update({k: flags[k] for k in TRAIN_FLAGS if k in flags and k != "warmup_steps"})
     warmup = _warmup(train, conf["train"], flags)
@@ -254,6 +258,9 @@ def add_config_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--backbone", help="timm backbone name (overrides the config's)")
     ap.add_argument("--weights", help="backbone weights: a timm hub tag (timm, hf-hub:...), a .safetensors path or "
                                       f"s3:// URI, offline:dinov2_vits14, or '{RANDOM_WEIGHTS}' (random init, by name)")
+    ap.add_argument("--aspect", choices=("squash", "letterbox"),
+                    help="how non-square images become the square input, for every category (model.input.aspect; "
+                         "per category: model.input.categories in the config). letterbox keeps the aspect ratio")
 
 
 def config_ref(args: argparse.Namespace) -> str | None:
@@ -262,7 +269,7 @@ def config_ref(args: argparse.Namespace) -> str | None:
 
 def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The layering flags an argparse namespace holds (None = not given; `--no-register` = register: false)."""
-    known = set(MODEL_FLAGS) | set(TRAIN_FLAGS) | set(JOB_FIELDS)
+    known = set(MODEL_FLAGS) | set(INPUT_FLAGS) | set(TRAIN_FLAGS) | set(JOB_FIELDS)
     flags = {k: v for k, v in vars(args).items() if k in known and v is not None}
     if getattr(args, "no_register", False):
         flags["register"] = False

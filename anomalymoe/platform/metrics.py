@@ -335,6 +335,7 @@ class AnomalyMetrics:
             "num_anomalous": int(y.sum()),
             "pixel_images": self._pixel_images if self.pixel else 0,
             "pixel_anomalous": self._pixel_anomalous if self.pixel else 0,
+            "pixels": int(self._pixel_hist.sum()) if self.pixel else 0,  # what the pixel metrics rest on
         }
 
 

@@ -8,6 +8,7 @@ generator seeded by (seed, epoch): the same epoch is the same list of rows on ev
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import queue
@@ -78,35 +79,67 @@ def per_category_sample(df: pd.DataFrame, max_rows: int, seed: int = 0) -> pd.Da
 
 @dataclass(frozen=True)
 class Frame:
-    """How a stored image becomes model input: resized to `resize` x `resize`, then the centre `size` x `size`
-    cut out (the reference's Resize(448) + CenterCrop(392)); `resize=None` resizes straight to `size`.
-    Label maps and ground-truth masks go through the same geometry (nearest), so they stay aligned."""
+    """How a stored image becomes model input.
+
+    aspect "squash": resized to `resize` x `resize`, then the centre `size` x `size` cut out (the reference's
+    Resize(448) + CenterCrop(392)); `resize=None` resizes straight to `size`. "letterbox": the whole image fitted
+    into `size` x `size` with its aspect ratio kept, centred, the rest black (`resize` is not used: a crop would cut
+    a long part's ends). intensity: how single-channel values become 0..255 (to_rgb8). Label maps and ground-truth
+    masks go through the same geometry (nearest), so they stay aligned."""
 
     size: int
     resize: int | None = None
+    aspect: str = "squash"
+    intensity: str | tuple[float, float] = "type"
 
     def __post_init__(self):
         if self.size <= 0 or (self.resize is not None and self.resize < self.size):
             raise ValueError(f"need 0 < size <= resize, got size={self.size} resize={self.resize}")
+        if self.aspect not in ("squash", "letterbox"):
+            raise ValueError(f"aspect must be 'squash' or 'letterbox', got {self.aspect!r}")
 
     @classmethod
-    def of(cls, frame: int | Frame) -> Frame:
-        return frame if isinstance(frame, Frame) else cls(int(frame))
+    def of(cls, frame: int | Frame | Framing) -> Frame | Framing:
+        return frame if isinstance(frame, (Frame, Framing)) else cls(int(frame))
 
     @classmethod
     def for_backbone(cls, cfg) -> Frame:
         """The input geometry of a BackboneConfig (img_size, optional resize before the centre crop)."""
         return cls(cfg.img_size, cfg.resize)
 
+    def for_key(self, key: str | None) -> Frame:
+        """The frame of a "domain/category" (one Frame is every category's)."""
+        return self
+
     def scaled(self, size: int) -> Frame:
         """The same geometry at another output size (ground truth read at the anomaly map's size)."""
-        if self.resize is None:
-            return Frame(size)
-        if size == self.size:
-            return self
-        return Frame(size, max(size, round(self.resize * size / self.size)))
+        if self.resize is None or size == self.size:
+            return dataclasses.replace(self, size=size)
+        return dataclasses.replace(self, size=size, resize=max(size, round(self.resize * size / self.size)))
+
+    def whole(self) -> Frame:
+        """This frame without the centre crop (what part segmentation fits on: label maps cover the whole image)."""
+        return dataclasses.replace(self, resize=None)
+
+    def content_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1): where a width x height image lies in this frame's square (all of it unless
+        letterboxed)."""
+        s = self.size
+        if self.aspect != "letterbox" or width == height:
+            return 0, 0, s, s
+        scale = s / max(width, height)
+        w, h = max(1, min(s, round(width * scale))), max(1, min(s, round(height * scale)))
+        x0, y0 = (s - w) // 2, (s - h) // 2
+        return x0, y0, x0 + w, y0 + h
 
     def apply(self, im: Image.Image, resample: int) -> Image.Image:
+        if self.aspect == "letterbox":
+            x0, y0, x1, y1 = self.content_box(*im.size)
+            if (x1 - x0, y1 - y0) == (self.size, self.size):
+                return im.resize((self.size, self.size), resample)
+            canvas = Image.new(im.mode, (self.size, self.size), 0)
+            canvas.paste(im.resize((x1 - x0, y1 - y0), resample), (x0, y0))
+            return canvas
         full = self.resize or self.size
         im = im.resize((full, full), resample)
         if self.resize is None:
@@ -114,20 +147,71 @@ class Frame:
         off = (full - self.size) // 2
         return im.crop((off, off, off + self.size, off + self.size))
 
+    def restore(self, im: Image.Image, width: int, height: int, max_side: int = 1024) -> Image.Image:
+        """An image in this frame's geometry (a map or overlay of any square size) back in the original image's
+        geometry: its aspect ratio, and its size up to `max_side` on the long side. What the centre crop cut off is
+        black; a letterbox's border is dropped."""
+        f = self.scaled(im.size[0])
+        if f.aspect == "letterbox":
+            im = im.crop(f.content_box(width, height))
+        elif f.resize is not None:
+            off = (f.resize - f.size) // 2
+            canvas = Image.new(im.mode, (f.resize, f.resize), 0)
+            canvas.paste(im, (off, off))
+            im = canvas
+        scale = min(1.0, max_side / max(width, height))
+        return im.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BILINEAR)
+
+
+@dataclass(frozen=True)
+class Framing:
+    """Every category's Frame: the model-wide one, and the categories whose InputConfig overrides it. Anything
+    that takes a frame takes a Framing and picks each row's by its "domain/category"."""
+
+    default: Frame
+    categories: tuple[tuple[str, Frame], ...] = ()
+
+    @classmethod
+    def for_model(cls, cfg) -> Framing:
+        """A ModelConfig's framing: its backbone's input size and crop, its InputConfig per category."""
+        base = Frame.for_backbone(cfg.backbone)
+
+        def frame(key: str | None) -> Frame:
+            aspect, intensity = cfg.input.for_category(key)
+            return dataclasses.replace(base, aspect=aspect,
+                                       intensity=tuple(intensity) if isinstance(intensity, list) else intensity)
+
+        return cls(frame(None), tuple((k, frame(k)) for k in sorted(cfg.input.categories)))
+
+    @property
+    def size(self) -> int:
+        return self.default.size
+
+    def for_key(self, key: str | None) -> Frame:
+        return dict(self.categories).get(key or "", self.default)
+
+    def scaled(self, size: int) -> Framing:
+        return Framing(self.default.scaled(size), tuple((k, f.scaled(size)) for k, f in self.categories))
+
 
 _HIGH_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
-def to_rgb8(im: Image.Image) -> Image.Image:
+def to_rgb8(im: Image.Image, intensity: str | tuple[float, float] = "type") -> Image.Image:
     """Any image Pillow opens -> 8-bit RGB as a person would see it: EXIF orientation applied (a phone or camera
-    photo stored sideways is turned upright); 16-bit and 32-bit grey (EL, X-ray, thermal sensors) scaled by their
-    type's range (0..65535, or 0..1 / 0..max for floats) instead of Pillow's clip to 255 (a 16-bit image went
-    near-white); grey, palette and alpha images to RGB (alpha dropped)."""
+    photo stored sideways is turned upright); grey, palette and alpha images to RGB (alpha dropped).
+    Single-channel values are mapped to 0..255 by `intensity` (InputConfig): "type" = the container's range
+    (16-bit 0..65535, float 0..1 or 0..max, 8-bit as is) instead of Pillow's clip to 255 (a 16-bit image went
+    near-white); "image" = the image's own min..max; (lo, hi) = that fixed span, values outside clipped."""
     im = ImageOps.exif_transpose(im)
-    if im.mode in _HIGH_DEPTH:
+    if im.mode in _HIGH_DEPTH or (im.mode == "L" and intensity != "type"):
         a = np.asarray(im, dtype=np.float64)
         top = float(a.max()) if a.size else 0.0
-        if im.mode == "F":
+        if intensity == "image":
+            lo, hi = (float(a.min()), top) if a.size else (0.0, 1.0)
+        elif intensity != "type":
+            lo, hi = float(intensity[0]), float(intensity[1])
+        elif im.mode == "F":
             lo, hi = min(0.0, float(a.min()) if a.size else 0.0), (1.0 if top <= 1.0 else top)
         else:  # 16-bit containers (Pillow opens them as I;16 or I), or 32-bit integers beyond that range
             lo, hi = 0.0, (65535.0 if top <= 65535 else top)
@@ -136,21 +220,37 @@ def to_rgb8(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def decode_sized(data: bytes, frame: Frame) -> tuple[np.ndarray, tuple[int, int]]:
+    """Encoded bytes -> (uint8 [size, size, 3] through the frame, the upright image's (width, height))."""
+    with Image.open(io.BytesIO(data)) as im:
+        rgb = to_rgb8(im, frame.intensity)
+        return np.asarray(frame.apply(rgb, Image.BILINEAR)), rgb.size
+
+
 def decode_rgb(data: bytes, frame: int | Frame) -> np.ndarray:
     """Encoded bytes -> uint8 [size, size, 3] through the frame's geometry (what Ray decode tasks ship; the scoring
     service decodes through it too). Pixels as they are: to_rgb8."""
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(Frame.of(frame).apply(to_rgb8(im), Image.BILINEAR))
+    return decode_sized(data, Frame.of(frame))[0]
 
 
 def decode_image(data: bytes, frame: int | Frame) -> Tensor:
     """Encoded bytes -> [3, size, size] float in [0, 1]."""
-    return torch.from_numpy(np.asarray(decode_rgb(data, frame), dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+    return to_tensor(decode_rgb(data, frame))
 
 
-def decode_label_map(data: bytes, frame: int | Frame) -> np.ndarray:
+def to_tensor(rgb: np.ndarray) -> Tensor:
+    """uint8 [H, W, 3] -> [3, H, W] float in [0, 1] (the one conversion every path uses: bit-identical input)."""
+    return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+def decode_label_map(data: bytes, frame: int | Frame, image_size: tuple[int, int] | None = None) -> np.ndarray:
+    """A stored label map or mask through the frame (nearest). `image_size`: the (width, height) of the image it
+    labels, for a letterbox frame when the map is stored at another shape (jobs/segment.py writes square maps)."""
+    frame = Frame.of(frame)
     with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(Frame.of(frame).apply(im, Image.NEAREST))
+        if frame.aspect == "letterbox" and image_size is not None and im.size != tuple(image_size):
+            im = im.resize(tuple(image_size), Image.NEAREST)
+        return np.asarray(frame.apply(im, Image.NEAREST))
 
 
 @functools.cache
@@ -158,25 +258,32 @@ def _decode_pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="decode")
 
 
-def load_rows(rows: pd.DataFrame, frame: int | Frame, kept: dict[str, list[int]] | None = None, threads: int = 0
-              ) -> tuple[Tensor, list[Tensor | None]]:
+def load_rows(rows: pd.DataFrame, frame: int | Frame | Framing, kept: dict[str, list[int]] | None = None,
+              threads: int = 0, sizes: list[tuple[int, int]] | None = None) -> tuple[Tensor, list[Tensor | None]]:
     """Decode a batch of manifest rows: images and, where the row has a component label map and its
-    category a kept-cluster list, the component masks. `frame`: the model's input geometry (an int = a plain
-    resize to that size). threads > 1 decodes the rows in a shared thread pool (Pillow releases the GIL while
-    it decodes and resizes), in row order: the same batch as one thread gives."""
+    category a kept-cluster list, the component masks. `frame`: the model's input geometry (a Framing picks each
+    row's by its category; an int = a plain resize to that size). threads > 1 decodes the rows in a shared thread
+    pool (Pillow releases the GIL while it decodes and resizes), in row order: the same batch as one thread gives.
+    `sizes`, when given, is extended with each image's own (width, height)."""
     from .segmentation import component_masks
 
-    def one(r) -> tuple[Tensor, Tensor | None]:
-        image = decode_image(storage.read_bytes(r.uri), frame)
+    framing = Frame.of(frame)
+
+    def one(r) -> tuple[Tensor, Tensor | None, tuple[int, int]]:
+        key = f"{r.domain}/{r.category}" if hasattr(r, "domain") else None
+        geometry = framing.for_key(key)
+        rgb, size = decode_sized(storage.read_bytes(r.uri), geometry)
         cm = getattr(r, "component_mask_uri", None)
-        key = f"{r.domain}/{r.category}" if kept else None
         if cm and isinstance(cm, str) and key in (kept or {}):
-            return image, component_masks(decode_label_map(storage.read_bytes(cm), frame), kept[key])
-        return image, None
+            labels = decode_label_map(storage.read_bytes(cm), geometry, size)
+            return to_tensor(rgb), component_masks(labels, kept[key]), size
+        return to_tensor(rgb), None, size
 
     items = list(rows.itertuples(index=False))
     decoded = list(_decode_pool(threads).map(one, items)) if threads > 1 and len(items) > 1 else map(one, items)
-    images, masks = zip(*decoded, strict=True) if items else ((), ())
+    images, masks, own = zip(*decoded, strict=True) if items else ((), (), ())
+    if sizes is not None:
+        sizes.extend(own)
     return torch.stack(list(images)), list(masks)
 
 
@@ -238,8 +345,8 @@ def row_keys(rows: pd.DataFrame) -> list[str]:
     return (rows["domain"].astype(str) + "/" + rows["category"].astype(str)).tolist()
 
 
-def category_batches(rows: pd.DataFrame, frame: int | Frame, kept: dict[str, list[int]] | None, batch_size: int = 8
-                     ) -> Iterator[tuple[Tensor, list[Tensor | None], list[str]]]:
+def category_batches(rows: pd.DataFrame, frame: int | Frame | Framing, kept: dict[str, list[int]] | None,
+                     batch_size: int = 8) -> Iterator[tuple[Tensor, list[Tensor | None], list[str]]]:
     """(images, masks, "domain/category" keys) in row order: what calibration and validation consume (keyed by
     domain too, since two domains may share a category name)."""
     for start in range(0, len(rows), batch_size):
@@ -248,7 +355,7 @@ def category_batches(rows: pd.DataFrame, frame: int | Frame, kept: dict[str, lis
         yield images, masks, row_keys(chunk)
 
 
-def local_epochs(df: pd.DataFrame, frame: int | Frame, batch_size: int, *, seed: int = 0, alpha: float = 0.0,
+def local_epochs(df: pd.DataFrame, frame: int | Frame | Framing, batch_size: int, *, seed: int = 0, alpha: float = 0.0,
                  kept: dict[str, list[int]] | None = None, epoch_size: int | None = None, threads: int = 0,
                  depth: int = 0, pin: bool = False
                  ) -> Iterator[Iterator[tuple[Tensor, list[Tensor | None], list[str]]]]:
@@ -293,7 +400,7 @@ def step_rows(df: pd.DataFrame, step: int, global_batch: int, *, seed: int = 0, 
     return df.iloc[np.concatenate(picks) if picks else np.empty(0, np.int64)]
 
 
-def ray_rows(rows: pd.DataFrame, frame: int | Frame, *, read_concurrency: int = 2, block_rows: int = 16,
+def ray_rows(rows: pd.DataFrame, frame: int | Frame | Framing, *, read_concurrency: int = 2, block_rows: int = 16,
              num_cpus: float = 1.0):
     """Rows as a Ray Dataset, decoded in parallel tasks in row order: each row gains `image` (uint8 HWC at the
     frame) and `labels` (the component label map through the same frame, uint8 HW; all zeros and
@@ -303,21 +410,26 @@ def ray_rows(rows: pd.DataFrame, frame: int | Frame, *, read_concurrency: int = 
     import ray.data
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # the seeded order is the point
-    geometry = Frame.of(frame)
+    framing = Frame.of(frame)
     cols = [c for c in (*TRAIN_COLUMNS, "label", "defect", "mask_uri") if c in rows.columns]
     rows = rows[cols].reset_index(drop=True)
     rows["order"] = np.arange(len(rows))
 
     def decode(batch: pd.DataFrame) -> pd.DataFrame:
-        imgs, labs, has = [], [], []
+        imgs, labs, has, widths, heights = [], [], [], [], []
         for r in batch.itertuples(index=False):
-            imgs.append(decode_rgb(storage.read_bytes(r.uri), geometry))
+            geometry = framing.for_key(f"{r.domain}/{r.category}")
+            rgb, (w, h) = decode_sized(storage.read_bytes(r.uri), geometry)
+            imgs.append(rgb)
+            widths.append(w)
+            heights.append(h)
             cm = getattr(r, "component_mask_uri", None)
             has.append(isinstance(cm, str) and bool(cm))
-            labs.append(decode_label_map(storage.read_bytes(cm), geometry) if has[-1]
+            labs.append(decode_label_map(storage.read_bytes(cm), geometry, (w, h)) if has[-1]
                         else np.zeros((geometry.size,) * 2, np.uint8))
         out = batch.copy()
         out["image"], out["labels"], out["has_labels"] = imgs, labs, has
+        out["width"], out["height"] = widths, heights
         return out
 
     blocks = [rows.iloc[i : i + block_rows] for i in range(0, len(rows), block_rows)]  # one block per decode task
@@ -327,7 +439,7 @@ def ray_rows(rows: pd.DataFrame, frame: int | Frame, *, read_concurrency: int = 
                                                     batch_size=block_rows, num_cpus=num_cpus)
 
 
-def ray_epoch(df: pd.DataFrame, epoch: int, frame: int | Frame, *, seed: int = 0, alpha: float = 0.0,
+def ray_epoch(df: pd.DataFrame, epoch: int, frame: int | Frame | Framing, *, seed: int = 0, alpha: float = 0.0,
               epoch_size: int | None = None, read_concurrency: int = 2):
     """One seeded, balanced epoch (`epoch_indices`) as a Ray Dataset of decoded rows (see `ray_rows`)."""
     idx = epoch_indices(df, epoch, seed=seed, alpha=alpha, size=epoch_size)
@@ -340,7 +452,7 @@ def to_batch(batch: dict | pd.DataFrame, kept: dict[str, list[int]] | None = Non
     from .segmentation import component_masks
 
     imgs = np.stack(list(batch["image"]))
-    # the same arithmetic as decode_image (numpy float32 / 255.0), so both paths give bit-identical input
+    # the same arithmetic as to_tensor (numpy float32 / 255.0), so both paths give bit-identical input
     images = torch.from_numpy(np.asarray(imgs, dtype=np.float32) / 255.0).permute(0, 3, 1, 2).contiguous()
     masks: list[Tensor | None] = []
     has = list(batch["has_labels"]) if "has_labels" in batch else [False] * len(imgs)

@@ -35,7 +35,7 @@ from ..models.precision import describe
 from . import storage
 from .checkpoint import load_training_state, load_weights, save_training_state
 from .pipeline import (
-    Frame,
+    Framing,
     category_batches,
     load_rows,
     prefetch,
@@ -75,7 +75,7 @@ class LoopConfig:
 
 
 # ------------------------------------------------------------------------------------------ worker side
-def _batches(cfg: LoopConfig, tcfg: TrainConfig, frame: Frame, start: int, rank: int, world: int):
+def _batches(cfg: LoopConfig, tcfg: TrainConfig, frame: Framing, start: int, rank: int, world: int):
     """(images, masks, "domain/category" keys) for steps start, start+1, ... on this rank; one Ray Dataset per
     epoch's remainder."""
     local = tcfg.batch_size // world
@@ -214,7 +214,7 @@ def train_loop(config: dict[str, Any]) -> None:
             history = read_history(d)
         if rank == 0:
             print(f"[train] resumed from step {trainer.step_num} ({ckpt.path})", flush=True)
-    frame = Frame.for_backbone(model.cfg.backbone)
+    frame = Framing.for_model(model.cfg)
     mlf = _MLflowLogger(cfg.mlflow) if rank == 0 else None
     start_step, t_start, n_imgs = trainer.step_num, time.perf_counter(), 0
     times = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
@@ -406,18 +406,21 @@ def connect_ray(address: str | None) -> None:
 
 
 def _prepare_data(spec: JobSpec, model: AnomalyMoE):
-    from .data import check_calibration_split, describe_categories, resolve_data
+    from .data import check_calibration_split, describe_categories, describe_framing, resolve_data
     from .manifest import ensure_valid
     from .pipeline import holdout_split
     from .segmentation import SegmentParams, prepare_parts
 
     df, kept = resolve_data(spec.data, demo_root=spec.demo_root, seed=spec.train.seed, domains=spec.domains)
     df = ensure_valid(df, skip_bad_rows=spec.skip_bad_rows, required_splits=("train",))
+    framing = Framing.for_model(model.cfg)
+    for line in describe_framing(model.cfg, df):
+        print(line, flush=True)
     # Every category gets its part segmentation inside the model (loaded from jobs/segment.py's output, else fitted
     # here); the model then derives component masks from its own backbone pass on every path, so no label maps are
     # read: `kept` stays only for categories it does not cover (none, once every category is prepared).
     model.parts = prepare_parts(model.backbone, df, SegmentParams(k=spec.segment_k, seed=spec.train.seed),
-                                log=lambda m: print(m, flush=True))
+                                log=lambda m: print(m, flush=True), framing=framing)
     kept = {k: v for k, v in kept.items() if not model.parts.covers(k)}
     normal = df[(df["split"] == "train") & (df["label"] == 0)]
     train, held = holdout_split(normal, spec.holdout, seed=spec.train.seed)
@@ -515,7 +518,7 @@ def finish(prep: Prepared, model: AnomalyMoE, history: list[dict], run_id: str, 
     from .validation import bank_batches, calibrate
 
     c = registry.client()
-    frame = Frame.for_backbone(model.cfg.backbone)
+    frame = Framing.for_model(model.cfg)
     dev = torch.device(device)
     model.parts = prep.model.parts  # the segmentation the workers trained with: the artifact carries it
     model.to_device(dev)

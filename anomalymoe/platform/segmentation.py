@@ -34,7 +34,7 @@ from ..models.parts import (  # noqa: F401 - assign, guided_filter re-exported
     token_features,
 )
 from . import storage
-from .pipeline import load_rows
+from .pipeline import Frame, Framing, load_rows
 
 
 @torch.no_grad()
@@ -214,14 +214,15 @@ class _FitWorker:
     """Rows -> a seeded sample of each image's patch features (seeded per image, so the result does not depend
     on how rows are batched or which worker gets them)."""
 
-    def __init__(self, backbone: Backbone | dict, params: SegmentParams):
+    def __init__(self, backbone: Backbone | dict, params: SegmentParams, frame: Frame | None = None):
         self.backbone = backbone if isinstance(backbone, Backbone) else Backbone(BackboneConfig(**backbone))
         self.params = params
+        # a plain resize, never the model's centre crop: label maps cover the whole image, and the model's
+        # Frame then crops them exactly as it crops the image; a letterboxed category is fitted letterboxed
+        self.frame = frame.whole() if frame is not None else Frame(self.backbone.cfg.img_size)
 
     def __call__(self, chunk):
-        # a plain resize, never the model's centre crop: label maps cover the whole image, and the model's
-        # Frame then crops them exactly as it crops the image
-        images, _ = load_rows(chunk, self.backbone.cfg.img_size)
+        images, _ = load_rows(chunk, self.frame)
         feats = patch_features(self.backbone, images, self.params.color_weight)
         out = chunk[["uri"]].copy()
         # seeded by the path inside the category, so the same data elsewhere (another folder, S3) clusters alike
@@ -234,12 +235,14 @@ class _FitWorker:
 class _LabelWorker:
     """Rows -> label maps kept in memory (the in-process fit of the training job; nothing written)."""
 
-    def __init__(self, backbone: Backbone | dict, params: SegmentParams, centers: np.ndarray):
+    def __init__(self, backbone: Backbone | dict, params: SegmentParams, centers: np.ndarray,
+                 frame: Frame | None = None):
         self.backbone = backbone if isinstance(backbone, Backbone) else Backbone(BackboneConfig(**backbone))
         self.params, self.centers = params, torch.from_numpy(centers)
+        self.frame = frame.whole() if frame is not None else Frame(self.backbone.cfg.img_size)
 
     def labels(self, chunk) -> np.ndarray:
-        images, _ = load_rows(chunk, self.backbone.cfg.img_size)
+        images, _ = load_rows(chunk, self.frame)
         p = self.params
         return assign(patch_features(self.backbone, images, p.color_weight), self.centers, images, p.out_size,
                       p.refine, p.temperature).numpy()
@@ -344,21 +347,22 @@ def part_params(params: SegmentParams) -> PartParams:
                       out_size=params.out_size)
 
 
-def fit_parts(backbone: Backbone, rows, params: SegmentParams, *, batch_size: int = 8, use_ray: bool = False
-              ) -> CategoryParts:
+def fit_parts(backbone: Backbone, rows, params: SegmentParams, *, batch_size: int = 8, use_ray: bool = False,
+              frame: Frame | None = None) -> CategoryParts:
     """Fit one category's part segmentation in memory (no label maps written): centres on coreset features of up
     to `max_fit_images` normal training images, then the background vote over all of them. The same centres and
     kept clusters `segment_category` writes for the same rows and parameters, except that a cluster must also keep
-    to one place to be a part (ClusterStats.kept(localized=True)): a texture keeps none and has no component level."""
+    to one place to be a part (ClusterStats.kept(localized=True)): a texture keeps none and has no component level.
+    `frame`: the category's input frame (InputConfig: a letterboxed category is fitted letterboxed)."""
     rows = rows.sort_values("uri").reset_index(drop=True)
     fit_rows = rows[(rows["split"] == "train") & (rows["label"] == 0)]
     if fit_rows.empty:
         raise ValueError(f"{category_dir(rows['uri'].iloc[0])}: no normal training images to fit component "
                          "clusters on")
-    feats = run_batches(fit_rows.iloc[: params.max_fit_images], _FitWorker, backbone, {"params": params},
-                        batch_size=batch_size, use_ray=use_ray)
+    feats = run_batches(fit_rows.iloc[: params.max_fit_images], _FitWorker, backbone,
+                        {"params": params, "frame": frame}, batch_size=batch_size, use_ray=use_ray)
     centers = fit_centers(np.concatenate(list(feats["feats"])), params.k, params.seed)
-    labels = run_batches(fit_rows, _LabelWorker, backbone, {"params": params, "centers": centers},
+    labels = run_batches(fit_rows, _LabelWorker, backbone, {"params": params, "centers": centers, "frame": frame},
                          batch_size=batch_size, use_ray=use_ray)
     stats = ClusterStats(params.k)
     for lab in labels["labels"]:
@@ -419,18 +423,23 @@ def load_kept(manifest) -> dict[str, list[int]]:
 
 
 def prepare_parts(backbone: Backbone, manifest, params: SegmentParams, *, batch_size: int = 8, use_ray: bool = False,
-                  log=print) -> Parts:
+                  log=print, framing: Framing | None = None) -> Parts:
     """Parts for every category of a manifest: the ones `jobs/segment.py` finished with these parameters and this
-    backbone are loaded, every other category is fitted here (in memory; said in the log)."""
+    backbone are loaded, every other category is fitted here (in memory; said in the log). `framing`: the model's
+    input frames (Framing.for_model); jobs/segment.py fits on squashed images as read, so a category framed
+    otherwise (letterbox, a set intensity range) is always fitted here, as its images are framed."""
     out = Parts(part_params(params))
     for (dom, cat), sub in sorted(manifest.groupby(["domain", "category"]), key=lambda kv: kv[0]):
         key = f"{dom}/{cat}"
-        cp = load_category_parts(sub["uri"].iloc[0], params, backbone.cfg.weights_sha256)
+        frame = framing.for_key(key) if framing is not None else None
+        plain = frame is None or (frame.aspect, frame.intensity) == ("squash", "type")
+        cp = load_category_parts(sub["uri"].iloc[0], params, backbone.cfg.weights_sha256) if plain else None
         if cp is None:
             n = int(((sub["split"] == "train") & (sub["label"] == 0)).sum())
-            log(f"[parts] {key}: no segmentation from jobs/segment.py with these settings: fitting {params.k} "
+            why = "with these settings" if plain else f"for its frame ({frame.aspect}, intensity {frame.intensity})"
+            log(f"[parts] {key}: no segmentation from jobs/segment.py {why}: fitting {params.k} "
                 f"clusters on {min(n, params.max_fit_images)} normal training images")
-            cp = fit_parts(backbone, sub, params, batch_size=batch_size, use_ray=use_ray)
+            cp = fit_parts(backbone, sub, params, batch_size=batch_size, use_ray=use_ray, frame=frame)
         what = (f"parts = clusters {cp.kept}" if cp.kept else
                 "no cluster is a part (each is background or spread over the image, as in a texture): "
                 "no component level")

@@ -196,10 +196,10 @@ def train_and_calibrate(model: AnomalyMoE, train_rows, cfg: TrainConfig, *, hold
     calibration on that share (normal images never seen in training, never the test split), on the model's
     device. threads / depth: decode threads and batches decoded ahead (pipeline.local_epochs); a GPU needs both.
     Returns (loss history, held-out rows)."""
-    from .pipeline import Frame, category_batches, holdout_split, local_epochs, to_device  # local: see fit
+    from .pipeline import Framing, category_batches, holdout_split, local_epochs, to_device  # local: see fit
     from .validation import bank_batches, calibrate
 
-    frame = Frame.for_backbone(model.cfg.backbone)
+    frame = Framing.for_model(model.cfg)
     normal = train_rows[(train_rows["split"] == "train") & (train_rows["label"] == 0)]
     train, held = holdout_split(normal, holdout, seed=cfg.seed)
     if train.empty:

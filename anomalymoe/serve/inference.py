@@ -36,7 +36,7 @@ from ..models.artifact import load_artifact
 from ..models.config import LEVELS
 from ..models.scoring import DEFAULT_KEY, ScoreNorm
 from ..platform import registry
-from ..platform.pipeline import Frame, decode_rgb
+from ..platform.pipeline import Frame, Framing, decode_sized, to_tensor
 
 
 @dataclass
@@ -45,7 +45,7 @@ class Loaded:
     name: str  # registered model name (or the artifact path)
     version: str
     uri: str  # what was asked for (an alias URI, a version URI or a path)
-    frame: Frame
+    frame: Framing  # every category's input geometry (InputConfig), as training and evaluation decode
 
     def describe(self, variant: str | None = None) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "uri": self.uri, "variant": variant}
@@ -105,7 +105,7 @@ def load(uri: str, threads: int | None = None, device: str | torch.device = "cpu
         model = load_artifact(concrete, device=device)
     if version == "local":
         version = model.cfg.config_hash()[:12]
-    return Loaded(model, name, version, uri, Frame.for_backbone(model.cfg.backbone))
+    return Loaded(model, name, version, uri, Framing.for_model(model.cfg))
 
 
 class InputError(ValueError):
@@ -116,14 +116,15 @@ class InputError(ValueError):
         self.status, self.code = status, code
 
 
-def decode(data: bytes, frame: Frame) -> torch.Tensor:
+def decode(data: bytes, frame: Frame) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Request bytes -> (model input through the category's frame, the image's own (width, height))."""
     try:
-        rgb = decode_rgb(data, frame)
+        rgb, size = decode_sized(data, frame)
     except Image.DecompressionBombError as e:  # PIL's process-wide limit (the ingress checks the service's first)
         raise InputError(str(e), 413, "image_too_large") from None
     except (OSError, ValueError, SyntaxError) as e:  # PIL's truncated/corrupt
         raise InputError(f"the image cannot be decoded: {e}") from None
-    return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+    return to_tensor(rgb), size
 
 
 def category_key(loaded: Loaded, domain: str, category: str | None) -> str | None:
@@ -148,13 +149,16 @@ def outlines(masks: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def overlay_png(image: torch.Tensor, amap: torch.Tensor, norm: ScoreNorm | None, alpha: float = 0.5,
-                parts: torch.Tensor | None = None, highlight: int | None = None) -> str:
+                parts: torch.Tensor | None = None, highlight: int | None = None, frame: Frame | None = None,
+                original: tuple[int, int] | None = None) -> tuple[str, tuple[int, int]]:
     """The anomaly map over the image as a base64 PNG. Colours are in the units of `normalized_score`: dark blue
     at or below the median normal image's score, the middle of the scale (green) at the category's threshold,
     red at twice as far. So a normal image stays blue and only what scores like an anomaly lights up. Without a
     calibration the scale runs from 0 to max(1, peak), as in the evaluation panels. `parts` ([K, H, W] masks):
     their outlines are drawn in white, the `highlight` slot's (the one that drove the component score) in
-    magenta."""
+    magenta. With `frame` and the image's `original` (width, height), the overlay is drawn in the model's geometry
+    and returned in the image's own (Frame.restore: a letterbox's border dropped, a squashed image unsquashed).
+    Returns (base64 PNG, its (width, height))."""
     from matplotlib import colormaps
 
     m = amap.float().numpy()
@@ -172,9 +176,12 @@ def overlay_png(image: torch.Tensor, amap: torch.Tensor, norm: ScoreNorm | None,
         out[edges.any(0)] = (255, 255, 255)
         if highlight is not None and 0 <= highlight < edges.shape[0]:
             out[edges[highlight]] = (255, 0, 255)
+    png = Image.fromarray(out.round().astype(np.uint8))
+    if frame is not None and original is not None:
+        png = frame.restore(png, *original)
     buf = io.BytesIO()
-    Image.fromarray(out.round().astype(np.uint8)).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
+    png.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode(), png.size
 
 
 def _f(x: float) -> float | None:
@@ -193,6 +200,32 @@ def _host(x: Any) -> Any:
     if isinstance(x, list):
         return [_host(v) for v in x]
     return x
+
+
+def merge_predictions(p: Prediction, redo: Prediction, rows: list[int]) -> Prediction:
+    """`p` with rows `rows` replaced by `redo`'s rows 0..n-1 (every per-image tensor, list and routing), keeping
+    p's category_info (how those categories were inferred). The originals are not modified."""
+    idx = torch.tensor(rows, dtype=torch.long)
+
+    def put(a: Any, b: Any) -> Any:
+        if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == len(p.score):
+            a = a.clone()
+            a[idx] = b.to(a.device, a.dtype)
+            return a
+        if isinstance(a, list) and len(a) == len(p.score):
+            a = list(a)
+            for j, r in enumerate(rows):
+                a[r] = b[j]
+            return a
+        if isinstance(a, dict):
+            return {k: put(v, b[k]) for k, v in a.items()}
+        if dataclasses.is_dataclass(a) and not isinstance(a, type):
+            return dataclasses.replace(a, **{f.name: put(getattr(a, f.name), getattr(b, f.name))
+                                             for f in dataclasses.fields(a) if f.init})
+        return a
+
+    merged = put(p, redo)
+    return dataclasses.replace(merged, category_info=p.category_info)
 
 
 def predict(model: AnomalyMoE, images: torch.Tensor, categories: list[str | None],
@@ -238,20 +271,30 @@ def score_batch(loaded: Loaded, items: list[dict[str, Any]], domain: str, varian
     Returns one dict per item: the response body, or {"error": {"status", "code", "message"}}."""
     t0 = time.time()
     out: list[dict[str, Any] | None] = [None] * len(items)
-    images, cats, keep = [], [], []
+    images, cats, keep, sizes = [], [], [], []
     candidates = domain_categories(loaded.model, domain)
     for i, it in enumerate(items):
         try:
             cat = category_key(loaded, domain, it.get("category"))
-            images.append(decode(it["data"], loaded.frame))
+            image, size = decode(it["data"], loaded.frame.for_key(cat))
         except InputError as e:
             out[i] = {"error": {"status": e.status, "code": e.code, "message": str(e)}}
             continue
+        images.append(image)
+        sizes.append(size)
         cats.append(cat)
         keep.append(i)
     t1 = time.time()
     if keep:
         p = predict(loaded.model, torch.stack(images), cats, candidates)
+        again = [b for b, c in enumerate(cats) if c is None and loaded.frame.for_key(p.categories[b])
+                 != loaded.frame.for_key(None)]
+        if again:  # inferred a category framed otherwise (InputConfig): score those again through its own frame
+            for b in again:
+                images[b] = decode(items[keep[b]]["data"], loaded.frame.for_key(p.categories[b]))[0]
+            redo = predict(loaded.model, torch.stack([images[b] for b in again]), [p.categories[b] for b in again],
+                           candidates)
+            p = merge_predictions(p, redo, again)
         t2 = time.time()
         routing = p.routing
         names = [f"{lv}.{j}" for lv in LEVELS for j in range(routing.level_slices[lv].stop
@@ -280,8 +323,10 @@ def score_batch(loaded: Loaded, items: list[dict[str, Any]], domain: str, varian
             }
             if items[i].get("map"):
                 norm = loaded.model.calibration.for_category(p.categories[b])
-                body["anomaly_map"] = {"png_base64": overlay_png(images[b], p.anomaly_map[b], norm, parts=p.masks[b],
-                                                                 highlight=None if part is None else part["slot"]),
+                png, (width, height) = overlay_png(images[b], p.anomaly_map[b], norm, parts=p.masks[b],
+                                                   highlight=None if part is None else part["slot"],
+                                                   frame=loaded.frame.for_key(p.categories[b]), original=sizes[b])
+                body["anomaly_map"] = {"png_base64": png, "width": width, "height": height,
                                        "size": int(p.anomaly_map.shape[-1]), "peak": float(p.anomaly_map[b].max())}
             out[i] = body
     return out  # type: ignore[return-value]

@@ -100,8 +100,10 @@ class ExpertWeight(BaseModel):
 
 
 class AnomalyMap(BaseModel):
-    png_base64: str
-    size: int
+    png_base64: str  # the overlay in the request image's own geometry (aspect ratio; size up to 1024 px)
+    width: int  # of the PNG
+    height: int
+    size: int  # side of the model's square map it was drawn from
     peak: float
 
 

@@ -57,7 +57,9 @@ class Scorer:
         t0 = time.perf_counter()
         loaded = await asyncio.to_thread(load, uri, self.dom.threads, self.device)
         pinned = user_config.get("version")
-        if pinned and pinned != loaded.version:
+        # a path or s3:// URI resolves to "local" (no registry version to pin); the loaded model names itself by its
+        # config hash, which is not a mismatch
+        if pinned and pinned != "local" and pinned != loaded.version:
             raise ValueError(f"{uri} resolved to version {loaded.version}, the deployment pins {pinned}")
         old, self.default = self.default, loaded
         if old is not None:

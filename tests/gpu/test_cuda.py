@@ -144,11 +144,11 @@ def test_evaluation_artifact_round_trip_and_serving_batch_on_cuda(tmp_path):
     torch.testing.assert_close(loaded.predict(images.to(CUDA), None, ["d/c"] * 6).score,
                                model.predict(images.to(CUDA), None, ["d/c"] * 6).score)
 
-    from anomalymoe.platform.pipeline import Frame
+    from anomalymoe.platform.pipeline import Framing
 
     items = [{"data": _png(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)), "category": "c", "map": i == 0,
               "enqueued": time.time()} for i in range(4)]
-    out = score_batch(Loaded(loaded, "anomalymoe-d", "1", "local", Frame.for_backbone(loaded.cfg.backbone)), items,
+    out = score_batch(Loaded(loaded, "anomalymoe-d", "1", "local", Framing.for_model(loaded.cfg)), items,
                       "d")
     assert all(isinstance(o["score"], float) and np.isfinite(o["score"]) for o in out)
     assert out[0]["anomaly_map"]["png_base64"]

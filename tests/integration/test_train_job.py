@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -268,6 +269,100 @@ def test_image_level_labels_train_evaluate_and_promote(ray_head, tiny_data, tmp_
     body = resp.json()
     assert body["model"]["version"] == summary2["versions"]["textures"] and body["category"] == "textures/brick"
     assert isinstance(body["score"], float) and isinstance(body["is_anomaly"], bool)
+
+
+def _strips(root: Path, n_train: int = 12, n_good: int = 3, n_bad: int = 4, size: tuple[int, int] = (128, 32)) -> None:
+    """A long part in the MVTec layout: 4:1 grey strips (stripes + noise), test defects a dark blob with its mask."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    w, h = size
+
+    def strip() -> np.ndarray:
+        x = np.arange(w)[None, :]
+        a = 140 + 40 * np.sin(x / 5.0 + rng.uniform(0, 6)) + rng.normal(0, 6, (h, w))
+        return np.clip(a, 0, 255).astype(np.uint8)
+
+    for split, n in (("train", n_train), ("test", n_good)):
+        (root / "strip" / split / "good").mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(strip(), "L").save(root / "strip" / split / "good" / f"{i:03d}.png")
+    (root / "strip" / "test" / "blob").mkdir(parents=True)
+    (root / "strip" / "ground_truth" / "blob").mkdir(parents=True)
+    for i in range(n_bad):
+        a, m = strip(), np.zeros((h, w), np.uint8)
+        x0 = int(rng.integers(4, w - 16))
+        a[8:20, x0 : x0 + 12], m[8:20, x0 : x0 + 12] = 20, 255
+        Image.fromarray(a, "L").save(root / "strip" / "test" / "blob" / f"{i:03d}.png")
+        Image.fromarray(m, "L").save(root / "strip" / "ground_truth" / "blob" / f"{i:03d}_mask.png")
+
+
+def test_wide_images_keep_their_shape_through_training_evaluation_and_the_service(ray_head, tmp_path):
+    """A 4:1 part letterboxed per category (model.input.categories in the config): the job says so and fits its
+    parts on letterboxed images; the evaluation scores the image's pixels only (the black bands are not counted);
+    the service scores it exactly as the evaluation did, with or without ?category= (an inferred category framed
+    otherwise is scored again through its own frame), and returns the map at the image's own 128 x 32."""
+    import base64
+    import csv
+    import io
+
+    from PIL import Image
+
+    root = tmp_path / "plant"
+    _strips(root)
+    cfg = tmp_path / "wide.yaml"
+    cfg.write_text(CONFIG + "model: {input: {categories: {plant/strip: {aspect: letterbox}}}}\n")
+    env = driver_env(ray_head, tmp_path)
+    out = tmp_path / "wide"
+    args = ["jobs/train.py", "--config", str(cfg), "--data", f"plant={root}", "--workers", "1", "--steps", "4",
+            "--name", "wide", "--storage", str(tmp_path / "runs"), "--output", str(out), "--experiment", "itest",
+            "--no-register"]
+    run_driver(args, env, tmp_path / "wide.log")
+    text = (tmp_path / "wide.log").read_text()
+    assert "[data] plant/strip: aspect letterbox, intensity type" in text
+    assert "[parts] plant/strip: no segmentation from jobs/segment.py for its frame (letterbox" in text
+    report = json.loads((out / "eval" / "report.json").read_text())
+    strip = report["categories"]["plant/strip"]
+    # 56 x 14 pixels of each of the 7 test images (3 normal + 4 with masks): the image, not the 56 x 56 square
+    assert strip["pixel_images"] == 7 and strip["pixels"] == 7 * 56 * 14
+    assert strip["pixel_auroc"] is not None and strip["image_auroc"] is not None
+    assert list((out / "eval" / "panels" / "plant" / "strip").glob("*.png"))
+    with open(out / "eval" / "scores.csv") as f:
+        evaluated = {Path(r["uri"]).name + r["defect"]: float(r["score"]) for r in csv.DictReader(f)}
+
+    import ray
+    import requests
+    from ray import serve
+
+    from anomalymoe.platform.local_proc import free_port
+    from anomalymoe.serve.app import deploy, wait_ready
+    from anomalymoe.serve.config import DomainConfig, ServeConfig
+    from anomalymoe.serve.tenants import TenantStore
+
+    key = TenantStore(str(tmp_path / "tenants.json")).add("plant", ["plant"])
+    scfg = ServeConfig(port=free_port(), tenants_uri=str(tmp_path / "tenants.json"),
+                       domains=[DomainConfig(domain="plant", model=str(out / "model"), scorer_cpus=0.5,
+                                             torch_threads=1)])
+    flagged = root / "strip" / "test" / "blob" / "001.png"
+    url = f"http://{scfg.host}:{scfg.port}/v1/plant/score"
+    head = {"Authorization": f"Bearer {key}", "Content-Type": "image/png"}
+    ray.init(address=ray_head.address, log_to_driver=False)
+    try:
+        deploy(scfg, log_level="WARNING")
+        wait_ready(scfg, timeout=180)
+        named = requests.post(f"{url}?category=strip&map=true", data=flagged.read_bytes(), headers=head, timeout=120)
+        inferred = requests.post(url, data=flagged.read_bytes(), headers=head, timeout=120)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    assert named.status_code == 200 and inferred.status_code == 200, (named.text, inferred.text)
+    body = named.json()
+    assert body["score"] == pytest.approx(evaluated["001.pngblob"], rel=1e-4, abs=1e-5)
+    assert inferred.json()["category"] == "plant/strip" and inferred.json()["category_inference"]["inferred"]
+    assert inferred.json()["score"] == pytest.approx(body["score"], rel=1e-4, abs=1e-5)
+    amap = body["anomaly_map"]
+    assert (amap["width"], amap["height"], amap["size"]) == (128, 32, 56)
+    assert Image.open(io.BytesIO(base64.b64decode(amap["png_base64"]))).size == (128, 32)
 
 
 def test_killed_driver_rerun_with_same_name_resumes(ray_head, tiny_data, tmp_path, reference):

@@ -270,3 +270,34 @@ def test_backbone_with_other_weights_is_refused(tmp_path):
     assert tensors_sha256(load_file(str(weights))) != digest
     with pytest.raises(ValueError, match="sha256"):
         load_artifact(d)
+
+
+def test_input_config_travels_with_the_artifact_and_hashes_as_before_when_unset(tmp_path):
+    """InputConfig (aspect, intensity, per category) is part of the model: saved and loaded with it, so training,
+    evaluation and serving frame each category alike. Unset, a config hashes exactly as before the field existed
+    (an older artifact and a new one of the same config agree); bad keys and spans are refused."""
+    from pydantic import ValidationError
+
+    from anomalymoe.models.config import CategoryInput, InputConfig, dict_hash, presets
+    from anomalymoe.platform.pipeline import Frame, Framing
+
+    base = presets()["test-tiny"]
+    assert "input" not in base.to_dict()
+    before = {k: v for k, v in base.model_dump(mode="json", by_alias=True).items() if k != "input"}
+    assert base.config_hash() == dict_hash(before)
+    cfg = base.model_copy(update={"input": InputConfig(intensity=(0.0, 4095.0), categories={
+        "plant/strip": CategoryInput(aspect="letterbox"), "plant/xray": CategoryInput(intensity="image")})})
+    assert cfg.config_hash() != base.config_hash()
+    torch.manual_seed(0)
+    model = AnomalyMoE(cfg).eval()
+    save_artifact(model, tmp_path / "a")
+    loaded = load_artifact(tmp_path / "a")
+    assert loaded.cfg.input == cfg.input and loaded.cfg.config_hash() == cfg.config_hash()
+    framing = Framing.for_model(loaded.cfg)
+    assert framing.for_key("plant/strip") == Frame(56, aspect="letterbox", intensity=(0.0, 4095.0))
+    assert framing.for_key("plant/xray") == Frame(56, intensity="image")
+    assert framing.for_key("plant/other") == Frame(56, intensity=(0.0, 4095.0))
+    for bad in ({"categories": {"strip": {"aspect": "letterbox"}}}, {"intensity": [5, 5]},
+                {"categories": {"a/b": {"aspect": "tile"}}}):
+        with pytest.raises(ValidationError):
+            InputConfig.model_validate(bad)

@@ -208,13 +208,15 @@ def test_ground_truth_goes_through_the_models_crop(tmp_path):
     Image.fromarray(m.numpy()).save(tmp_path / "centre.png")
     import pandas as pd
 
-    rows = pd.DataFrame({"mask_uri": [str(tmp_path / "border.png"), str(tmp_path / "centre.png"), None]})
-    gt = _gt_masks(rows, Frame(28, resize=32))
+    rows = pd.DataFrame({"mask_uri": [str(tmp_path / "border.png"), str(tmp_path / "centre.png"), None],
+                         "cat_key": ["d/c"] * 3})
+    sizes = [(64, 64)] * 3
+    gt = _gt_masks(rows, Frame(28, resize=32), sizes)
     assert gt.shape == (3, 28, 28)
     assert not gt[0].any() and not gt[2].any()
     ys, xs = torch.nonzero(gt[1], as_tuple=True)
     assert (ys.min().item(), ys.max().item(), xs.min().item(), xs.max().item()) == (12, 15, 12, 15)
-    assert _gt_masks(rows, Frame(28)).sum(dim=(1, 2))[0] > 0  # without the crop the band is there
+    assert _gt_masks(rows, Frame(28), sizes).sum(dim=(1, 2))[0] > 0  # without the crop the band is there
 
 
 def test_ray_data_loader_gives_the_same_report(setup):

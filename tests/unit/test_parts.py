@@ -263,13 +263,13 @@ def test_the_answer_names_the_part_slot_and_the_overlay_outlines_the_parts():
     import io
     import time
 
-    from anomalymoe.platform.pipeline import Frame
+    from anomalymoe.platform.pipeline import Framing
     from anomalymoe.serve.inference import Loaded, outlines, score_batch
 
     model = _tiny_with_parts()
     g = torch.Generator().manual_seed(3)
     model.fit_calibration([(torch.rand(4, 3, 56, 56, generator=g), None, ["d/a"] * 4)])
-    loaded = Loaded(model, "anomalymoe-d", "1", "local", Frame.for_backbone(model.cfg.backbone))
+    loaded = Loaded(model, "anomalymoe-d", "1", "local", Framing.for_model(model.cfg))
     arr = (torch.rand(56, 56, 3, generator=g) * 255).to(torch.uint8).numpy()
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")

@@ -428,3 +428,95 @@ def test_exif_orientation_is_applied():
         assert im.size == (40, 80)  # tall as stored
         view = to_rgb8(im)
     assert view.size == (80, 40) and np.array_equal(np.asarray(view), upright)
+
+
+def test_configured_intensity_range_and_the_images_own_range():
+    """A 12-bit sensor (values 1000..5000 in a 16-bit container): by its container's range it is nearly black; with
+    its span configured (InputConfig.intensity) or by its own min..max it fills 0..255, as its 8-bit rendering
+    does; values outside a configured span clip."""
+    rng = np.random.default_rng(2)
+    raw = rng.integers(1000, 5001, (48, 64)).astype(np.uint16)
+    raw[0, 0], raw[0, 1] = 1000, 5000  # the span is reached
+    want = np.clip(np.rint((raw.astype(np.float64) - 1000) * 255 / 4000), 0, 255).astype(np.uint8)
+    data = _png_bytes(raw)
+    by_type = decode_rgb(data, Frame(64))
+    spanned = decode_rgb(data, Frame(64, intensity=(1000.0, 5000.0)))
+    own = decode_rgb(data, Frame(64, intensity="image"))
+    assert by_type.max() <= 20
+    assert np.array_equal(spanned, own)
+    assert np.array_equal(spanned, decode_rgb(_png_bytes(want), Frame(64)))
+    narrow = decode_rgb(data, Frame(64, intensity=(2000.0, 3000.0)))
+    assert narrow.min() == 0 and narrow.max() == 255  # outside the span: clipped, never wrapped
+    # an 8-bit grey image keeps its values unless a span is configured
+    grey = (rng.random((32, 32)) * 100).astype(np.uint8)
+    assert np.array_equal(decode_rgb(_png_bytes(grey), 32)[..., 0], grey)
+    assert decode_rgb(_png_bytes(grey), Frame(32, intensity="image")).max() == 255
+
+
+def test_letterbox_keeps_a_wide_image_whole_and_in_shape():
+    """A 4:1 image letterboxed into the square input: the whole image, unstretched, centred between black bands;
+    its mask goes through the same box; restore() gives a map back at 4:1, the border dropped. squash stretches it."""
+    wide = np.zeros((50, 200, 3), np.uint8)
+    wide[:, :100] = (255, 0, 0)  # left half red, right half green
+    wide[:, 100:] = (0, 255, 0)
+    f = Frame(56, aspect="letterbox")
+    assert f.content_box(200, 50) == (0, 21, 56, 35)  # 56 x 14: 4:1
+    a = decode_rgb(_png_bytes(wide), f)
+    assert a.shape == (56, 56, 3)
+    assert not a[:21].any() and not a[35:].any()  # black bands
+    assert (a[21:35, :27, 0] > 200).all() and (a[21:35, 29:, 1] > 200).all()  # the picture, unstretched
+    squashed = decode_rgb(_png_bytes(wide), 56)
+    assert (squashed[:, :27, 0] > 200).all()  # stretched over the whole height
+    tall = Frame(56, aspect="letterbox").content_box(50, 200)
+    assert tall == (21, 0, 35, 56)
+    assert Frame(56, aspect="letterbox").content_box(80, 80) == (0, 0, 56, 56)
+    # the resize + centre crop is a squash setting: letterbox keeps the whole image
+    assert decode_rgb(_png_bytes(wide), Frame(56, 64, aspect="letterbox")).shape == (56, 56, 3)
+    mask = np.zeros((50, 200), np.uint8)
+    mask[:, 150:] = 255
+    from anomalymoe.platform.pipeline import decode_label_map
+
+    m = decode_label_map(_png_bytes(mask), f)
+    assert m[21:35, 43:].all() and not m[:, :40].any() and not m[:21].any()
+    # a square label map stored by jobs/segment.py is first put back at the image's shape, then letterboxed
+    square = np.asarray(Image.fromarray(mask).resize((32, 32), Image.NEAREST))
+    assert np.array_equal(decode_label_map(_png_bytes(square), f, (200, 50)) > 0, m > 0)
+    # back in the original geometry: 4:1, the right quarter hot
+    heat = np.zeros((112, 112), np.uint8)
+    heat[42:70, 84:] = 255
+    back = np.asarray(f.restore(Image.fromarray(heat), 200, 50))
+    assert back.shape == (50, 200) and back[:, 160:].min() > 200 and back[:, :140].max() == 0
+    assert f.restore(Image.fromarray(heat), 4000, 1000).size == (1024, 256)  # capped at 1024 px, still 4:1
+    # squash + crop: the cropped-off border comes back black around the scored centre
+    crop = Frame(28, resize=32)
+    ones = np.asarray(crop.restore(Image.fromarray(np.full((28, 28), 255, np.uint8)), 64, 64))
+    assert ones.shape == (64, 64) and ones[32, 32] == 255 and ones[0, 0] < 64
+
+
+def test_framing_picks_each_categorys_frame_in_every_loader(tmp_path):
+    """InputConfig per category: load_rows and the Ray Data path frame each row by its category, and report each
+    image's own size."""
+    from anomalymoe.models.config import CategoryInput, InputConfig, ModelConfig
+    from anomalymoe.platform.pipeline import Framing
+
+    cfg = ModelConfig(backbone=BackboneConfig(img_size=56, resize=64),
+                      input=InputConfig(categories={"d/wide": CategoryInput(aspect="letterbox")}))
+    framing = Framing.for_model(cfg)
+    assert framing.for_key("d/wide") == Frame(56, 64, aspect="letterbox")
+    assert framing.for_key("d/other") == framing.for_key(None) == Frame(56, 64)
+    small = framing.scaled(28).for_key("d/wide")
+    assert small.size == 28 and small.aspect == "letterbox"
+    wide = (np.random.default_rng(3).random((30, 120, 3)) * 255).astype(np.uint8)
+    Image.fromarray(wide).save(tmp_path / "w.png")
+    rows = pd.DataFrame({"uri": [str(tmp_path / "w.png")] * 2, "domain": ["d", "d"], "category": ["wide", "other"],
+                         "component_mask_uri": [None, None]})
+    sizes: list = []
+    images, _ = load_rows(rows, framing, sizes=sizes)
+    assert sizes == [(120, 30), (120, 30)]
+    assert float(images[0, :, :20].max()) == 0.0 and float(images[1, :, :20].max()) > 0  # letterboxed vs squashed
+    assert torch.equal(images[0], decode_image((tmp_path / "w.png").read_bytes(), framing.for_key("d/wide")))
+    pytest.importorskip("ray")
+    batches = list(ray_rows(rows, framing, read_concurrency=1).iter_batches(batch_format="pandas"))
+    got, _ = to_batch(pd.concat(batches))
+    assert torch.equal(got, images)
+    assert pd.concat(batches)["width"].tolist() == [120, 120]

@@ -256,7 +256,7 @@ def test_check_image_reads_only_the_header():
 def loaded():
     from anomalymoe.models.anomalymoe import AnomalyMoE
     from anomalymoe.models.config import presets
-    from anomalymoe.platform.pipeline import Frame
+    from anomalymoe.platform.pipeline import Framing
     from anomalymoe.serve.inference import Loaded
 
     torch.manual_seed(0)
@@ -265,7 +265,7 @@ def loaded():
     imgs = torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(1))
     model.fit_calibration([(imgs, None, ["textures/brick"] * 4)])
     return Loaded(model, "anomalymoe-textures", "1", "models:/anomalymoe-textures/1",
-                  Frame.for_backbone(model.cfg.backbone))
+                  Framing.for_model(model.cfg))
 
 
 def test_score_batch_answers_each_item_and_isolates_bad_ones(loaded):
@@ -288,7 +288,9 @@ def test_score_batch_answers_each_item_and_isolates_bad_ones(loaded):
     assert abs(sum(e["weight"] for e in ok["experts"]) - 1.0) < 1e-4  # the routing behind the score
     assert ok["timings_ms"]["batch_size"] == 2  # the two good images went through one forward pass
     overlay = Image.open(io.BytesIO(base64.b64decode(ok["anomaly_map"]["png_base64"])))
-    assert overlay.format == "PNG" and overlay.size == (ok["anomaly_map"]["size"],) * 2
+    # drawn from the model's 56 px map, returned in the request image's own geometry (64 x 64)
+    assert ok["anomaly_map"]["size"] == 56 and (ok["anomaly_map"]["width"], ok["anomaly_map"]["height"]) == (64, 64)
+    assert overlay.format == "PNG" and overlay.size == (64, 64)
     # the same image scores the same alone as in a batch
     alone = score_batch(loaded, [dict(items[0], map=False)], "textures")[0]
     assert alone["score"] == pytest.approx(ok["score"], rel=1e-4, abs=1e-5)  # float sums differ by batch
