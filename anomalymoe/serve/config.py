@@ -114,6 +114,9 @@ class ServeConfig(_Strict):
     tenants_uri: str | None = Field(None, description="tenant/key store (local path or s3://), re-read every "
                                                       "tenants_refresh_s; default <repo>/outputs/serve/tenants.json")
     tenants_refresh_s: float = Field(2.0, gt=0)
+    tenants_max_stale_s: float = Field(30.0, gt=0, description="a replica that could not read the tenant store for "
+                                       "this long refuses every request (503) and is not ready: a revocation is "
+                                       "never missed for longer")
     limits: Limits = Limits()
     default_rate: RateLimit = RateLimit()
     request_timeout_s: float = Field(60.0, gt=0)

@@ -34,7 +34,7 @@ from .config import ServeConfig
 from .metrics import Metrics
 from .ops import readiness, start_flusher, state_handle
 from .ratelimit import Buckets, retry_after
-from .tenants import Tenant, TenantCache
+from .tenants import StoreUnavailable, Tenant, TenantCache
 
 log = logging.getLogger("ray.serve")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -126,7 +126,8 @@ ERRORS = {s: {"model": ErrorResponse, "description": d} for s, d in {
     400: "empty, undecodable or truncated image; unknown category", 401: "no, unknown or revoked API key",
     403: "the tenant may not use this domain", 413: "body or image dimensions over the limit",
     415: "content type not accepted", 429: "over the tenant's rate (see Retry-After)",
-    503: "no model loaded / no scorer replica", 504: "the scorer did not answer in time"}.items()}
+    503: "no model loaded / no scorer replica / the tenant store unreadable for too long",
+    504: "the scorer did not answer in time"}.items()}
 IMAGE_BODY = {"requestBody": {"required": True, "content": {
     **{t: {"schema": {"type": "string", "format": "binary"}} for t in ("image/png", "image/jpeg", "image/bmp",
                                                                           "image/tiff", "image/webp")},
@@ -221,7 +222,11 @@ async def score(request: Request,
 async def domain_readyz(request: Request) -> JSONResponse:
     ing = _current()
     ok, by = await readiness([ing.domain])
-    return JSONResponse(by[ing.domain], status_code=200 if ok else 503)
+    body = dict(by[ing.domain])
+    problem = ing.tenants.problem()
+    if problem:  # keys cannot be checked: every request would be refused
+        ok, body["tenants"] = False, problem
+    return JSONResponse(body, status_code=200 if ok else 503)
 
 
 _INGRESS: Ingress | None = None  # this replica's instance (Serve serves a copy of `api`, so not in api.state)
@@ -285,7 +290,8 @@ class Ingress:
     def __init__(self, domain: str, config: dict[str, Any], scorer: Any):
         self.cfg = ServeConfig.model_validate(config)
         self.domain, self.scorer = domain, scorer
-        self.tenants = TenantCache(self.cfg.tenants_location, self.cfg.tenants_refresh_s)
+        self.tenants = TenantCache(self.cfg.tenants_location, self.cfg.tenants_refresh_s,
+                                   self.cfg.tenants_max_stale_s)
         self.tenants.refresh(force=True)
         self.local_buckets = Buckets()
         self.metrics = Metrics()
@@ -303,7 +309,12 @@ class Ingress:
         if time.monotonic() - self.tenants.loaded_at >= self.tenants.refresh_s and not self._refreshing.locked():
             async with self._refreshing:
                 await asyncio.to_thread(self.tenants.refresh)
-        tenant, why = self.tenants.authenticate(key)
+        try:
+            tenant, why = self.tenants.authenticate(key)
+        except StoreUnavailable as e:  # fail closed: no key is checked against a store too old to trust
+            log.warning("refusing a request: %s", e)
+            raise ApiError(503, "tenant_store_unavailable",
+                           "API keys cannot be checked right now; retry later") from None
         if tenant is None:
             raise ApiError(401, "unauthorized", why)
         if not tenant.allows(self.domain):

@@ -157,8 +157,8 @@ def test_host_copy_of_a_gpu_prediction_is_fp32_on_the_cpu(loaded):
 def test_tenant_keys_are_hashed_and_revocable(tmp_path):
     store = TenantStore(str(tmp_path / "tenants.json"))
     key = store.add("acme", ["textures"], sc.RateLimit(per_second=2, burst=3), {"textures": "models:/x/1"})
-    raw = (tmp_path / "tenants.json").read_text()
-    assert key not in raw and key.split("_")[2] not in raw  # only the hash is stored
+    raw = "".join(p.read_text() for p in (tmp_path / "tenants.json.log").glob("*.json"))
+    assert '"sha256"' in raw and key not in raw and key.split("_")[2] not in raw  # only the hash is stored
     idx = KeyIndex(store.load())
     tenant, why = idx.authenticate(key)
     assert tenant and tenant.name == "acme" and tenant.allows("textures") and not tenant.allows("objects")
@@ -179,21 +179,99 @@ def test_tenant_keys_are_hashed_and_revocable(tmp_path):
     assert listing[0]["tenant"] == "acme" and all("sha256" not in k for k in listing[0]["keys"])
 
 
-def test_tenant_cache_picks_up_changes_and_keeps_last_good_copy(tmp_path):
+def test_tenant_cache_picks_up_changes_keeps_last_good_copy_then_fails_closed(tmp_path):
+    """A replica's cache: changes show within refresh_s; an unreadable store keeps the last good copy for at most
+    max_stale_s, then every key is refused as unavailable (503) and problem() says why (readiness); it recovers
+    when the store is readable again."""
+    from anomalymoe.serve.tenants import StoreUnavailable
+
     uri = tmp_path / "tenants.json"
     store = TenantStore(str(uri))
     key = store.add("acme", ["*"])
-    cache = TenantCache(str(uri), refresh_s=0.05)
+    cache = TenantCache(str(uri), refresh_s=0.05, max_stale_s=0.3)
     cache.refresh(force=True)
-    assert cache.authenticate(key)[0].allows("anything")
+    assert cache.authenticate(key)[0].allows("anything") and cache.problem() is None
     store.revoke("acme")
     time.sleep(0.06)
     cache.refresh()
     assert cache.authenticate(key) == (None, "revoked API key")
-    uri.write_text("{broken")
+    uri.write_text("{broken")  # an older base document, now unreadable
     time.sleep(0.06)
     cache.refresh()
-    assert cache.error and cache.authenticate(key) == (None, "revoked API key")  # last good copy kept
+    assert cache.error and cache.authenticate(key) == (None, "revoked API key")  # last good copy, for now
+    time.sleep(0.35)
+    cache.refresh()
+    with pytest.raises(StoreUnavailable, match="unreadable for"):
+        cache.authenticate(key)
+    assert "tenants_max_stale_s" in cache.problem()
+    uri.unlink()
+    cache.refresh(force=True)
+    assert cache.problem() is None and cache.authenticate(key) == (None, "revoked API key")
+
+
+def test_missing_tenant_store_is_an_error_not_an_empty_one(tmp_path):
+    from anomalymoe.serve.tenants import StoreUnavailable
+
+    cache = TenantCache(str(tmp_path / "nowhere" / "tenants.json"))
+    cache.refresh(force=True)
+    assert "does not exist" in cache.problem() and "tenants add" in cache.problem()
+    with pytest.raises(StoreUnavailable, match="does not exist"):
+        cache.authenticate("amk_00000000_x")
+
+
+def test_tenant_log_keeps_every_change_and_one_bad_record_freezes_nothing(tmp_path):
+    """Changes are records of a log folded on read: a revoke and an add written from stale reads both hold; key
+    ids are unique across tenants (a record reusing one is refused, and so is a second add of one tenant); a record
+    the replicas cannot apply is skipped with its reason and the changes after it still apply. The CLI refuses
+    what a replica would (same check)."""
+    from anomalymoe.serve.tenants import TenantError, fold
+
+    uri = str(tmp_path / "tenants.json")
+    a, b = TenantStore(uri), TenantStore(uri)
+    ka = a.add("acme", ["textures"])
+    kid = ka.split("_")[1]
+    b.revoke(ka)  # b's change ...
+    kb = a.add("beta", ["objects"])  # ... and a's, each from its own read: neither undoes the other
+    idx = KeyIndex(a.load())
+    assert idx.authenticate(ka) == (None, "revoked API key") and idx.authenticate(kb)[0].name == "beta"
+    log_dir = tmp_path / "tenants.json.log"
+    (log_dir / "00000000000000000001-bad.json").write_text('{"op": "add_tenant", "tenant": "x", "domains": []}')
+    (log_dir / "00000000000000000002-junk.json").write_text("{not json")
+    dup = {"op": "add_key", "tenant": "beta", "key": {"id": kid, "sha256": "0" * 64}}
+    (log_dir / "99999999999999999999-dup.json").write_text(json.dumps(dup))
+    folded = a.folded()
+    assert set(folded.refused) == {"00000000000000000001-bad.json", "00000000000000000002-junk.json",
+                                   "99999999999999999999-dup.json"}
+    assert "in use" in folded.refused["99999999999999999999-dup.json"]
+    kc = a.add("gamma", ["*"])  # still works after the bad records
+    cache = TenantCache(uri)
+    cache.refresh(force=True)
+    assert cache.authenticate(kc)[0].name == "gamma" and cache.problem() is None
+    with pytest.raises(TenantError, match="exists"):
+        b.add("gamma", ["*"])
+    with pytest.raises(TenantError, match="not a model URI"):
+        a.add("delta", ["textures"], variants={"textures": "http://evil/x"})
+    with pytest.raises(TenantError, match="domain"):
+        a.add("delta", ["../x"])
+    # a race lost in the log (two adds of one tenant) is refused on fold: first wins, whatever was read before
+    race = [("1-a", {"op": "add_tenant", "tenant": "t", "domains": ["*"], "key": {"id": "a" * 8, "sha256": "1" * 64}}),
+            ("2-b", {"op": "add_tenant", "tenant": "t", "domains": ["x"], "key": {"id": "b" * 8, "sha256": "2" * 64}}),
+            ("0-r", {"op": "revoke", "revoke": ["a" * 8]})]  # sorted first, still revokes (by id, any order)
+    f = fold(None, race)
+    assert f.applied == {"1-a", "0-r"} and "exists" in f.refused["2-b"]
+    assert f.doc["tenants"]["t"]["keys"][0]["revoked"]
+    # an older document with one key id in two tenants: each key still authenticates as its own tenant only
+    legacy = {"tenants": {n: {"domains": ["*"], "keys": [{"id": "c" * 8, "sha256": h, "created": "x"}]}
+                          for n, h in (("one", _sha("amk_cccccccc_one")), ("two", _sha("amk_cccccccc_two")))}}
+    idx = KeyIndex(fold(legacy, []).doc)
+    assert idx.authenticate("amk_cccccccc_one")[0].name == "one"
+    assert idx.authenticate("amk_cccccccc_two")[0].name == "two"
+
+
+def _sha(key: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------ rate limits
