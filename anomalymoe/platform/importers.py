@@ -191,12 +191,12 @@ class _Plan:
         self._targets[dst] = origin
 
     def copy(self, src: str, category: str, split: str, defect: str, name: str) -> None:
-        dst = storage.join(self.dst, category, split, defect, name)
+        dst = storage.safe_join(self.dst, category, split, defect, name)
         self.claim(dst, src)
         self.tasks.append(_copy_task(src, dst, category, f"{split}/{defect}"))
 
     def mask(self, srcs: Sequence[str], category: str, defect: str, name: str) -> None:
-        dst = storage.join(self.dst, category, "ground_truth", defect, name)
+        dst = storage.safe_join(self.dst, category, "ground_truth", defect, name)
         self.claim(dst, "+".join(srcs))
         self.tasks.append(_mask_task(list(srcs), dst, category, f"ground_truth/{defect}"))
 
@@ -239,12 +239,27 @@ def _check_found(plan: _Plan, categories: Iterable[str] | None, found: set[str])
 # ----------------------------------------------------------------------------- VisA
 
 
+def _visa_row(plan: _Plan, src: str, row: dict[str, str], obj: str, split: str, label: str, n: int) -> None:
+    image = storage.safe_join(src, row["image"])
+    name = PurePosixPath(row["image"]).name
+    if label == "normal":
+        plan.copy(image, obj, split, "good", name)
+        return
+    if split == "train":
+        plan.note(f"line {n}: anomaly {row['image']} listed in train; put in test/bad")
+    plan.copy(image, obj, "test", "bad", name)
+    if row["mask"]:
+        plan.mask([storage.safe_join(src, row["mask"])], obj, "bad", f"{_stem(name)}.png")
+    else:
+        plan.note(f"line {n}: anomaly {row['image']} has no mask")
+
+
 def import_visa(src: str, dst: str, *, categories: Iterable[str] | None = None,
                 split_csv: str = "split_csv/1cls.csv", max_workers: int = 8) -> ImportSummary:
     """VisA (``<cls>/Data/Images/{Normal,Anomaly}``, ``<cls>/Data/Masks/Anomaly``) by its split CSV."""
     src, dst = normalize_root(src), normalize_root(dst)
     plan, want = _Plan("visa", src, dst), _want(categories)
-    csv_uri = storage.join(src, *split_csv.split("/"))
+    csv_uri = storage.safe_join(src, *split_csv.split("/"))
     try:
         text = storage.read_text(csv_uri)
     except FileNotFoundError as e:
@@ -263,18 +278,10 @@ def import_visa(src: str, dst: str, *, categories: Iterable[str] | None = None,
         if split not in ("train", "test") or label not in ("normal", "anomaly"):
             raise DatasetImportError(f"{csv_uri} line {n}: split {row['split']!r} / label {row['label']!r} "
                                      "must be train|test / normal|anomaly")
-        image = storage.join(src, *row["image"].split("/"))
-        name = PurePosixPath(row["image"]).name
-        if label == "normal":
-            plan.copy(image, obj, split, "good", name)
-            continue
-        if split == "train":
-            plan.note(f"line {n}: anomaly {row['image']} listed in train; put in test/bad")
-        plan.copy(image, obj, "test", "bad", name)
-        if row["mask"]:
-            plan.mask([storage.join(src, *row["mask"].split("/"))], obj, "bad", f"{_stem(name)}.png")
-        else:
-            plan.note(f"line {n}: anomaly {row['image']} has no mask")
+        try:  # CSV columns are outside data: a path that leaves src or dst is refused with its line
+            _visa_row(plan, src, row, obj, split, label, n)
+        except storage.UnsafePath as e:
+            raise DatasetImportError(f"{csv_uri} line {n}: {e}") from None
     _check_found(plan, categories, found)
     return plan.run(max_workers)
 
@@ -321,7 +328,7 @@ def import_mvtec_loco(src: str, dst: str, *, categories: Iterable[str] | None = 
         groups = {d: LOCO_DEFECT_GROUPS.get(d, "structural" if "struct" in d else "logical") for d in defects}
         if groups:
             text = json.dumps(groups, indent=2, sort_keys=True) + "\n"
-            plan.tasks.append(_text_task(storage.join(dst, cat, "defect_groups.json"), text, cat,
+            plan.tasks.append(_text_task(storage.safe_join(dst, cat, "defect_groups.json"), text, cat,
                                          "defect_groups.json"))
     return plan.run(max_workers)
 
@@ -391,9 +398,9 @@ def _ped2_train_task(frame: str, dst: str, category: str, rgb: bool) -> _Task:
 
 
 def _ped2_test_task(frame: str, gt: str, dst: str, category: str, stem: str, rgb: bool) -> _Task:
-    good = storage.join(dst, category, "test", "good", f"{stem}.png")
-    bad = storage.join(dst, category, "test", "anomaly", f"{stem}.png")
-    mask = storage.join(dst, category, "ground_truth", "anomaly", f"{stem}_mask.png")
+    good = storage.safe_join(dst, category, "test", "good", f"{stem}.png")
+    bad = storage.safe_join(dst, category, "test", "anomaly", f"{stem}.png")
+    mask = storage.safe_join(dst, category, "ground_truth", "anomaly", f"{stem}_mask.png")
 
     def run(existing: frozenset[str]) -> list[_Record]:
         if good in existing:
@@ -429,7 +436,7 @@ def import_ped2(src: str, dst: str, *, category: str = "pedestrian", categories:
                                  f"{len(train)} train and {len(test)} test clips)")
     for clip in train:
         for i, (_name, uri) in enumerate(sorted(clips[("train", clip)])):
-            dst_uri = storage.join(dst, category, "train", "good", f"{clip}_{i:03d}.png")
+            dst_uri = storage.safe_join(dst, category, "train", "good", f"{clip}_{i:03d}.png")
             plan.claim(dst_uri, uri)
             plan.tasks.append(_ped2_train_task(uri, dst_uri, category, rgb))
     for clip in test:
@@ -475,13 +482,13 @@ def import_mvtec(src: str, dst: str, *, categories: Iterable[str] | None = None,
         if not want(parts[0]):
             continue
         if len(parts) == 2 and parts[1] == "defect_groups.json":
-            d = storage.join(dst, *parts)
+            d = storage.safe_join(dst, *parts)
             plan.tasks.append(_copy_task(uri, d, parts[0], "defect_groups.json"))
         elif len(parts) == 4 and _is_image(parts[3]) and (parts[1] in SPLITS or parts[1] == "ground_truth"):
             cat, split, defect, name = parts
             if split != "ground_truth":
                 found.add(cat)
-            d = storage.join(dst, *parts)
+            d = storage.safe_join(dst, *parts)
             plan.claim(d, uri)
             plan.tasks.append(_copy_task(uri, d, cat, f"{split}/{defect}"))
     _check_found(plan, categories, found)

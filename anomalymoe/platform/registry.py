@@ -108,6 +108,13 @@ def download(uri: str, dst: str | os.PathLike[str] | None = None) -> Path:
         if not files:
             raise RegistryError(f"no model artifact under {uri}")
         for f in files:
-            storage.download_file(f, dst / f[len(prefix):])
+            # a key name is outside data: "…/v4//home/u/x.pth" or "…/../x" must not write outside dst (a .pth file
+            # there is code every new Python process runs)
+            try:
+                target = Path(storage.safe_join(dst, f[len(prefix):]))
+            except storage.UnsafePath as e:
+                raise RegistryError(f"{uri}: refusing the artifact: key {f!r} would be written outside the download "
+                                    f"folder ({e})") from None
+            storage.download_file(f, target)
         return dst
     return Path(uri)

@@ -129,6 +129,24 @@ def join(base: str | os.PathLike[str], *parts: str) -> str:
     return f"{scheme}{tail}"
 
 
+class UnsafePath(StorageError, ValueError):
+    """A path part from outside data (an S3 key, a CSV column, a name) that would leave its root."""
+
+
+def safe_join(base: str | os.PathLike[str], *parts: str) -> str:
+    """`join` for parts that come from outside data (S3 key names, CSV columns, catalog or tenant names): each must
+    be a relative path that stays under `base`. A '..' segment, an absolute part ('/…', which pathlib would put at
+    the root), a backslash (a Windows separator: 'a\\..\\b') or a NUL is refused with UnsafePath, never
+    normalised away: data that tries it is wrong or hostile, and the caller should say so."""
+    base = os.fspath(base)
+    for p in map(os.fspath, parts):
+        segs = p.split("/")
+        if "\x00" in p or "\\" in p or p.startswith("/") or ".." in segs:
+            raise _err(UnsafePath, f"{p!r} would leave {base} (absolute, '..', a backslash or a NUL in a path part "
+                                   "taken from data); refusing it")
+    return join(base, *parts)
+
+
 def parent(uri: str | os.PathLike[str]) -> str:
     """The containing folder/prefix. A bucket root and '/' are their own parents (like ``Path('/').parent``)."""
     uri = os.fspath(uri)

@@ -406,3 +406,29 @@ def test_import_build_validate_on_s3(tmp_path, s3):
     # S3 -> S3 import (e.g. a raw bucket into a prepared one)
     again = imp.import_mvtec(dst, f"{s3}/copy")
     assert again.written == 11 and again.counts["breakfast_box"]["defect_groups.json"] == 1
+
+
+def test_visa_csv_columns_cannot_leave_the_source_or_destination(tmp_path):
+    """The split CSV is outside data: `object=../../x` would write outside the destination and
+    `image=../../../../etc/hostname` would copy a host file into the dataset. Both are refused with their line, and
+    nothing is written outside."""
+    src, dst = tmp_path / "VisA", tmp_path / "out" / "visa"
+    _visa(src)
+    outside = tmp_path / "escaped"
+    for row, what in (("../../escaped,train,normal,candle/Data/Images/Normal/0000.JPG,", "../../escaped"),
+                      ("candle,train,normal,../../../../etc/hostname,", "../../../../etc/hostname"),
+                      ("candle,train,normal,/etc/hostname,", "/etc/hostname")):
+        (src / "split_csv" / "1cls.csv").write_text(f"object,split,label,image,mask\n{row}\n")
+        with pytest.raises(DatasetImportError, match=r"line 2: .*would leave"):
+            imp.import_visa(str(src), str(dst))
+        assert what
+    assert not outside.exists() and not (dst.exists() and any(dst.rglob("hostname")))
+
+
+def test_safe_join_refuses_what_would_leave_its_root():
+    base = "s3://bucket/models/v4"
+    assert storage.safe_join(base, "model/config.json") == "s3://bucket/models/v4/model/config.json"
+    assert storage.safe_join("/data", "a..b/c.png") == "/data/a..b/c.png"  # dots inside a name are fine
+    for bad in ("../x", "a/../../x", "/home/u/x.pth", "a\\..\\b", "a\x00b", ".."):
+        with pytest.raises(storage.UnsafePath, match="would leave"):
+            storage.safe_join(base, bad)

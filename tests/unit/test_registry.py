@@ -50,3 +50,17 @@ def test_download_errors_name_the_uri(store):
     with pytest.raises(registry.RegistryError, match="models:/anomalymoe-missing@champion"):
         registry.download("models:/anomalymoe-missing@champion", store / "x")
     assert registry.download(str(store)) == store  # a local directory is used as it is
+
+
+def test_download_refuses_keys_that_would_write_outside_the_folder(tmp_path, monkeypatch):
+    """S3 key names are outside data: an artifact listing with `…/v4//home/…/x.pth` (an absolute path to pathlib) or
+    `…/v4/../x` must not write outside the download folder. The whole artifact is refused and nothing is written."""
+    from anomalymoe.platform import registry, storage
+
+    written = []
+    monkeypatch.setattr(storage, "download_file", lambda src, dst: written.append(str(dst)))
+    for evil in ("s3://b/m/v4//home/u/.local/lib/python3.11/site-packages/x.pth", "s3://b/m/v4/../../x.pth"):
+        monkeypatch.setattr(storage, "list_files", lambda prefix, e=evil: ["s3://b/m/v4/model/config.json", e])
+        with pytest.raises(registry.RegistryError, match="outside the download folder"):
+            registry.download("s3://b/m/v4", tmp_path / "dl")
+    assert all(w.startswith(str(tmp_path / "dl")) for w in written)
