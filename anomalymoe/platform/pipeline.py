@@ -254,7 +254,7 @@ def decode_label_map(data: bytes, frame: int | Frame, image_size: tuple[int, int
 
 
 @functools.cache
-def _decode_pool(threads: int) -> ThreadPoolExecutor:
+def decode_pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="decode")
 
 
@@ -280,7 +280,7 @@ def load_rows(rows: pd.DataFrame, frame: int | Frame | Framing, kept: dict[str, 
         return to_tensor(rgb), None, size
 
     items = list(rows.itertuples(index=False))
-    decoded = list(_decode_pool(threads).map(one, items)) if threads > 1 and len(items) > 1 else map(one, items)
+    decoded = list(decode_pool(threads).map(one, items)) if threads > 1 and len(items) > 1 else map(one, items)
     images, masks, own = zip(*decoded, strict=True) if items else ((), (), ())
     if sizes is not None:
         sizes.extend(own)

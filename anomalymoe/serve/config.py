@@ -34,15 +34,22 @@ class Limits(_Strict):
 
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0, description="larger bodies are refused with 413")
     max_pixels: int = Field(40_000_000, gt=0, description="width × height read from the image header; 413 above")
+    body_timeout_s: float = Field(10.0, gt=0, description="the whole body must arrive within this; 408 after (a "
+                                  "client trickling bytes cannot hold an ingress slot)")
     max_side: int = Field(12_000, gt=0, description="longest side in pixels; 413 above")
     content_types: tuple[str, ...] = Field(CONTENT_TYPES, description="accepted image types (plus multipart)")
 
 
 class RateLimit(_Strict):
-    """A token bucket per tenant: `per_second` sustained, `burst` at once."""
+    """Token buckets per tenant: requests (`per_second` sustained, `burst` at once) and decoded pixels (what a request
+    costs: a 131 KB flat PNG of 6300 x 6300 takes 1.5 CPU-s to decode, as much as ~100 small images)."""
 
     per_second: float = Field(50.0, gt=0)
     burst: int = Field(100, ge=1)
+    megapixels_per_second: float | None = Field(40.0, gt=0, description="decoded megapixels (width x height from the "
+                                                "header) per second; null: pixels are not counted")
+    megapixel_burst: float = Field(200.0, gt=0, description="megapixels at once; an image larger than this is "
+                                   "never admitted (413)")
 
 
 class Autoscaling(_Strict):
@@ -190,7 +197,10 @@ def render(cfg: ServeConfig, pins: dict[str, dict[str, str]] | None = None) -> d
                              "max_ongoing_requests": 4 * d.max_ongoing_requests,
                              "ray_actor_options": {"num_cpus": 0}}],
         })
-    return {"proxy_location": "EveryNode", "http_options": {"host": cfg.host, "port": cfg.port},
+    # the proxy's own end-to-end deadline: the body's, the scorer's and a margin (the ingress answers 408/504 first)
+    proxy_timeout = round(cfg.limits.body_timeout_s + cfg.request_timeout_s + 5.0, 3)
+    return {"proxy_location": "EveryNode", "http_options": {"host": cfg.host, "port": cfg.port,
+                                                            "request_timeout_s": proxy_timeout},
             "applications": apps}
 
 

@@ -36,7 +36,9 @@ from ..models.artifact import load_artifact
 from ..models.config import LEVELS
 from ..models.scoring import DEFAULT_KEY, ScoreNorm
 from ..platform import registry
-from ..platform.pipeline import Frame, Framing, decode_sized, to_tensor
+from ..platform.pipeline import Frame, Framing, decode_pool, decode_sized, to_tensor
+
+DECODE_THREADS = 4  # decode threads per batch (a replica's CPUs are mostly the model's)
 
 
 @dataclass
@@ -273,13 +275,22 @@ def score_batch(loaded: Loaded, items: list[dict[str, Any]], domain: str, varian
     out: list[dict[str, Any] | None] = [None] * len(items)
     images, cats, keep, sizes = [], [], [], []
     candidates = domain_categories(loaded.model, domain)
-    for i, it in enumerate(items):
+
+    def one(it: dict[str, Any]) -> tuple[str | None, torch.Tensor, tuple[int, int]] | InputError:
         try:
             cat = category_key(loaded, domain, it.get("category"))
-            image, size = decode(it["data"], loaded.frame.for_key(cat))
+            return (cat, *decode(it["data"], loaded.frame.for_key(cat)))
         except InputError as e:
-            out[i] = {"error": {"status": e.status, "code": e.code, "message": str(e)}}
+            return e
+
+    # decoded side by side (Pillow releases the GIL), each item on its own: one bad image fails only itself
+    workers = min(len(items), DECODE_THREADS)
+    decoded = list(decode_pool(workers).map(one, items)) if workers > 1 else [one(it) for it in items]
+    for i, got in enumerate(decoded):
+        if isinstance(got, InputError):
+            out[i] = {"error": {"status": got.status, "code": got.code, "message": str(got)}}
             continue
+        cat, image, size = got
         images.append(image)
         sizes.append(size)
         cats.append(cat)

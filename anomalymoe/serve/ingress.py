@@ -16,34 +16,25 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import re
 import time
-import uuid
 import warnings
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import errors
 from .config import ServeConfig
+from .errors import ApiError
 from .metrics import Metrics
 from .ops import readiness, start_flusher, state_handle
 from .ratelimit import Buckets, retry_after
 from .tenants import StoreUnavailable, Tenant, TenantCache
 
 log = logging.getLogger("ray.serve")
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
 
 
 # ------------------------------------------------------------------------------------------------ response models
@@ -124,8 +115,10 @@ class ScoreResponse(BaseModel):
 
 ERRORS = {s: {"model": ErrorResponse, "description": d} for s, d in {
     400: "empty, undecodable or truncated image; unknown category", 401: "no, unknown or revoked API key",
-    403: "the tenant may not use this domain", 413: "body or image dimensions over the limit",
-    415: "content type not accepted", 429: "over the tenant's rate (see Retry-After)",
+    403: "the tenant may not use this domain", 408: "the body did not arrive within limits.body_timeout_s",
+    413: "body or image dimensions over the limit",
+    415: "content type not accepted, or the image is not of the declared type",
+    429: "over the tenant's rate (requests or decoded megapixels; see Retry-After)",
     503: "no model loaded / no scorer replica / the tenant store unreadable for too long",
     504: "the scorer did not answer in time"}.items()}
 IMAGE_BODY = {"requestBody": {"required": True, "content": {
@@ -167,8 +160,13 @@ async def read_capped(request: Request, limit: int) -> bytes:
     return bytes(buf)
 
 
-def check_image(data: bytes, max_pixels: int, max_side: int) -> tuple[int, int]:
-    """Width and height from the header only (nothing decoded); refuses non-images and oversized images."""
+FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/bmp": "BMP", "image/tiff": "TIFF", "image/webp": "WEBP"}
+
+
+def check_image(data: bytes, max_pixels: int, max_side: int, declared: str | None = None) -> tuple[int, int]:
+    """Width and height from the header only (nothing decoded); refuses non-images, oversized images, and images
+    whose format is not the declared type's (a GIF or ICO sent as image/png: 415), or, undeclared (a multipart part
+    without a type), not one the service takes."""
     if not data:
         raise ApiError(400, "empty_body", "the request has no image")
     try:
@@ -176,10 +174,15 @@ def check_image(data: bytes, max_pixels: int, max_side: int) -> tuple[int, int]:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
                 w, h = im.size
+                fmt = im.format
     except Image.DecompressionBombError as e:  # over twice PIL's process-wide limit: far over ours too
         raise ApiError(413, "image_too_large", str(e)) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ApiError(400, "bad_image", f"the body is not a readable image: {e}") from None
+    want = FORMATS.get(declared or "")
+    if (want and fmt != want) or (not want and fmt not in FORMATS.values()):
+        raise ApiError(415, "unsupported_media_type", f"the body is a {fmt} image, not the declared "
+                                                      f"{declared or 'image type'} (accepted: {sorted(FORMATS)})")
     if w * h > max_pixels or max(w, h) > max_side:
         raise ApiError(413, "image_too_large", f"image of {w}×{h} px is over the limit "
                                                f"({max_pixels} px, {max_side} px a side)")
@@ -187,9 +190,10 @@ def check_image(data: bytes, max_pixels: int, max_side: int) -> tuple[int, int]:
 
 
 async def image_and_category(request: Request, ctype: str, body: bytes, query_category: str | None
-                             ) -> tuple[bytes, str | None]:
+                             ) -> tuple[bytes, str | None, str | None]:
+    """(image bytes, category, the image's declared content type: the body's, or the multipart part's if any)."""
     if ctype != "multipart/form-data":
-        return body, query_category
+        return body, query_category, ctype
     request._body = body  # starlette parses the form from the bytes already read (and capped)
     try:
         form = await request.form()
@@ -200,7 +204,8 @@ async def image_and_category(request: Request, ctype: str, body: bytes, query_ca
         raise ApiError(400, "bad_request", "multipart body needs a file field 'image'")
     data = await part.read()
     category = form.get("category")
-    return data, category if isinstance(category, str) and category else query_category
+    part_type = (part.content_type or "").split(";")[0].strip().lower() or None
+    return data, category if isinstance(category, str) and category else query_category, part_type
 
 
 # ------------------------------------------------------------------------------------------------ the app
@@ -217,16 +222,20 @@ async def score(request: Request,
     return await _current().score(request, map, category)
 
 
-@router.get("/readyz", summary="200 when this domain's model is loaded, else 503",
-            responses={503: {"description": "no scorer replica of this domain has its model loaded"}})
+@router.get("/readyz", summary="200 when this domain's model is loaded and keys can be checked, else 503",
+            responses={503: {"description": "no scorer replica of this domain has its model loaded, or the tenant "
+                                            "store is unreadable"}})
 async def domain_readyz(request: Request) -> JSONResponse:
+    """{"ready": bool}; with an admin key (a tenant with domain "ops") also what is served and why not ready."""
     ing = _current()
     ok, by = await readiness([ing.domain])
     body = dict(by[ing.domain])
     problem = ing.tenants.problem()
     if problem:  # keys cannot be checked: every request would be refused
         ok, body["tenants"] = False, problem
-    return JSONResponse(body, status_code=200 if ok else 503)
+    if ing.tenants.admin(request.headers.get("authorization")):
+        return JSONResponse({**body, "ready": ok}, status_code=200 if ok else 503)
+    return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
 
 _INGRESS: Ingress | None = None  # this replica's instance (Serve serves a copy of `api`, so not in api.state)
@@ -238,41 +247,10 @@ def _current() -> Ingress:
     return _INGRESS
 
 
-def _error(request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None):
-    rid = getattr(request.state, "request_id", None) or uuid.uuid4().hex
-    return JSONResponse({"error": {"code": code, "message": message, "request_id": rid}}, status_code=status,
-                        headers=headers)
-
-
 def build_api(title: str) -> FastAPI:
     api = FastAPI(title=title, version="1", docs_url=None, redoc_url=None)
     api.include_router(router)
-
-    @api.middleware("http")
-    async def request_id(request: Request, call_next):
-        # Serve's proxy passes the client's X-Request-ID on (or makes one) and echoes it on the response itself
-        rid = request.headers.get("x-request-id", "")
-        request.state.request_id = rid if REQUEST_ID.match(rid) else uuid.uuid4().hex
-        response = await call_next(request)
-        if request.state.request_id != rid:
-            response.headers["X-Request-ID"] = request.state.request_id
-        return response
-
-    @api.exception_handler(ApiError)
-    async def api_error(request: Request, e: ApiError):
-        return _error(request, e.status, e.code, e.message, e.headers)
-
-    @api.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, e: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
-        return _error(request, e.status_code, code, str(e.detail))
-
-    @api.exception_handler(RequestValidationError)
-    async def bad_params(request: Request, e: RequestValidationError):
-        return _error(request, 400, "bad_request", "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}"
-                                                             for x in e.errors()))
-
-    return api
+    return errors.install(api)
 
 
 api = build_api("AnomalyMoE scoring")
@@ -321,25 +299,43 @@ class Ingress:
             raise ApiError(403, "forbidden", f"tenant {tenant.name!r} may not use the {self.domain!r} domain")
         return tenant
 
-    async def _admit(self, tenant: Tenant) -> str:
-        rate = tenant.rate or self.cfg.default_rate
-        h, wait, scope = state_handle(), None, "service"
+    async def _take(self, key: str, rate: float, burst: float, n: float = 1.0) -> tuple[float, str]:
+        """(seconds to wait, scope) from the service-wide bucket `key`, else this replica's (said in the scope)."""
+        h = state_handle()
         if h is not None:
             try:
-                wait = await asyncio.wait_for(h.take.remote(tenant.name, rate.per_second, rate.burst), timeout=2.0)
+                return await asyncio.wait_for(h.take.remote(key, rate, burst, n), timeout=2.0), "service"
             except Exception as e:  # noqa: BLE001 - the shared state is down: limit per replica, and say so
                 if not self._scope_warned:
                     log.warning("ServeState unreachable (%s): rate limits now hold per ingress replica", e)
                     self._scope_warned = True
-        if wait is None:
-            scope = "replica"
-            wait = self.local_buckets.take(tenant.name, rate.per_second, rate.burst)
+        return self.local_buckets.take(key, rate, burst, n=n), "replica"
+
+    def _limited(self, tenant: Tenant, what: str, wait: float, scope: str) -> ApiError:
+        self.metrics.inc("anomalymoe_rate_limited_total", tenant=tenant.name, domain=self.domain)
+        return ApiError(429, "rate_limited", f"tenant {tenant.name!r} is over {what}; retry in {wait:.2f} s",
+                        {"Retry-After": retry_after(wait), "X-RateLimit-Scope": scope})
+
+    async def _admit(self, tenant: Tenant) -> str:
+        rate = tenant.rate or self.cfg.default_rate
+        wait, scope = await self._take(tenant.name, rate.per_second, rate.burst)
         if wait > 0:
-            self.metrics.inc("anomalymoe_rate_limited_total", tenant=tenant.name, domain=self.domain)
-            raise ApiError(429, "rate_limited", f"tenant {tenant.name!r} is over {rate.per_second}/s "
-                                                f"(burst {rate.burst}); retry in {wait:.2f} s",
-                           {"Retry-After": retry_after(wait), "X-RateLimit-Scope": scope})
+            raise self._limited(tenant, f"{rate.per_second}/s (burst {rate.burst})", wait, scope)
         return scope
+
+    async def _admit_pixels(self, tenant: Tenant, pixels: int) -> None:
+        """Charge the image's decoded size (from its header, before any decoding) to the tenant's pixel bucket."""
+        rate = tenant.rate or self.cfg.default_rate
+        if rate.megapixels_per_second is None:
+            return
+        mp = pixels / 1e6
+        if mp > rate.megapixel_burst:
+            raise ApiError(413, "image_too_large", f"an image of {mp:.1f} MP is over tenant {tenant.name!r}'s "
+                                                   f"megapixel burst ({rate.megapixel_burst:g} MP)")
+        wait, scope = await self._take(f"{tenant.name}#px", rate.megapixels_per_second, rate.megapixel_burst, mp)
+        if wait > 0:
+            raise self._limited(tenant, f"{rate.megapixels_per_second:g} decoded megapixels/s (burst "
+                                        f"{rate.megapixel_burst:g} MP)", wait, scope)
 
     async def _call(self, item: dict[str, Any], variant: str | None) -> dict[str, Any]:
         handle = self.scorer.options(multiplexed_model_id=variant) if variant else self.scorer
@@ -367,9 +363,14 @@ class Ingress:
             scope = await self._admit(tenant)
             lim = self.cfg.limits
             ctype = media_type(request, lim.content_types)
-            body = await read_capped(request, lim.max_body_bytes)
-            data, category = await image_and_category(request, ctype, body, category)
-            check_image(data, lim.max_pixels, lim.max_side)
+            try:
+                body = await asyncio.wait_for(read_capped(request, lim.max_body_bytes), timeout=lim.body_timeout_s)
+            except TimeoutError:
+                raise ApiError(408, "request_timeout", f"the body did not arrive within {lim.body_timeout_s:g} s") \
+                    from None
+            data, category, declared = await image_and_category(request, ctype, body, category)
+            w, h = check_image(data, lim.max_pixels, lim.max_side, declared)
+            await self._admit_pixels(tenant, w * h)
             variant = tenant.variants.get(self.domain)
             t_in = time.perf_counter()
             out = await self._call({"data": data, "category": category, "map": want_map, "variant": variant or ""},
@@ -384,10 +385,9 @@ class Ingress:
         except ApiError as e:
             status, code = e.status, e.code
             raise
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - logged with the request id; the answer carries nothing internal
             status, code = 500, "internal"
-            log.exception("scoring failed")
-            raise ApiError(500, "internal", f"{type(e).__name__}: {e}"[:500]) from None
+            raise errors.internal(request, e, "scoring") from None
         finally:
             self.metrics.inc("anomalymoe_requests_total", domain=self.domain, tenant=tenant_name, code=status)
             if status >= 400:

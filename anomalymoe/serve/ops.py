@@ -3,7 +3,11 @@ that holds what must be shared by every domain and ingress replica (tenant token
 
 ``GET /v1/healthz``  the proxy and this app answer (liveness)
 ``GET /v1/readyz``   200 when every configured domain has a scorer replica with its model loaded, else 503
-``GET /metrics``     Prometheus text format, summed over all replicas"""
+                     (``{"ready"}``; each domain's model and reasons only with an admin key)
+``GET /metrics``     Prometheus text format, summed over all replicas (admin key: it lists every tenant's traffic)
+
+An admin key is a key of a tenant whose domains name ``ops`` (``jobs/serve.py tenants add <name> --domain ops``):
+the ops details stay off the public port for everyone else."""
 
 from __future__ import annotations
 
@@ -11,13 +15,16 @@ import asyncio
 import logging
 from typing import Any
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 
+from . import errors
 from .config import OPS_APP, ServeConfig
+from .errors import ApiError
 from .metrics import Metrics
 from .ratelimit import Buckets
+from .tenants import TenantCache
 
 log = logging.getLogger("ray.serve")
 READY_TIMEOUT_S = 3.0
@@ -29,8 +36,8 @@ class ServeState:
         self.buckets = Buckets()
         self.metrics = Metrics()
 
-    def take(self, tenant: str, rate: float, burst: int) -> float:
-        return self.buckets.take(tenant, rate, burst)
+    def take(self, tenant: str, rate: float, burst: float, n: float = 1.0) -> float:
+        return self.buckets.take(tenant, rate, burst, n=n)
 
     def push(self, delta: dict[str, Any], source: str) -> None:
         self.metrics.merge(delta, source)
@@ -92,6 +99,14 @@ async def readiness(domains: list[str], timeout: float = READY_TIMEOUT_S) -> tup
 
 router = APIRouter()
 _DOMAINS: list[str] = []  # set by this replica's Ops (Serve serves a copy of ops_api, so not in its state)
+_TENANTS: list[TenantCache] = []  # the same: the Ops replica's tenant cache (admin keys)
+
+
+def _admin(request: Request) -> bool:
+    if not _TENANTS:
+        return False
+    _TENANTS[0].refresh()
+    return _TENANTS[0].admin(request.headers.get("authorization"))
 
 
 @router.get("/v1/healthz", summary="Liveness of the service")
@@ -101,19 +116,27 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/v1/readyz", summary="200 once every domain's model is loaded, else 503",
             responses={503: {"description": "a domain has no scorer with a loaded model yet"}})
-async def readyz() -> JSONResponse:
+async def readyz(request: Request) -> JSONResponse:
+    """{"ready": bool}; with an admin key (a tenant with domain "ops") also each domain's model and reasons."""
     ok, by = await readiness(_DOMAINS)
-    return JSONResponse({"ready": ok, "domains": by}, status_code=200 if ok else 503)
+    admin = await asyncio.to_thread(_admin, request)
+    body = {"ready": ok, "domains": by} if admin else {"ready": ok}
+    return JSONResponse(body, status_code=200 if ok else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics of the whole service", response_class=PlainTextResponse)
-async def metrics() -> PlainTextResponse:
+@router.get("/metrics", summary="Prometheus metrics of the whole service (admin key)",
+            response_class=PlainTextResponse)
+async def metrics(request: Request) -> PlainTextResponse:
+    """Every tenant's traffic and the variants' model URIs: only with an admin key (a tenant with domain "ops")."""
+    if not await asyncio.to_thread(_admin, request):
+        raise ApiError(401, "unauthorized", "/metrics needs an admin key: 'Authorization: Bearer <key of a tenant "
+                                            "with domain ops>' (python jobs/serve.py tenants add <name> --domain ops)")
     h = state_handle()
     text = await h.render.remote() if h is not None else ""
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-ops_api = FastAPI(title="AnomalyMoE service operations", docs_url=None, redoc_url=None)
+ops_api = errors.install(FastAPI(title="AnomalyMoE service operations", docs_url=None, redoc_url=None))
 ops_api.include_router(router)
 
 
@@ -125,4 +148,5 @@ class Ops:
         import anomalymoe.serve.ops as module  # the class arrives by value: set the real module's global
 
         module._DOMAINS[:] = [d.domain for d in cfg.domains]
+        module._TENANTS[:] = [TenantCache(cfg.tenants_location, cfg.tenants_refresh_s, cfg.tenants_max_stale_s)]
         self.state = state  # bound so Serve deploys ServeState with this app

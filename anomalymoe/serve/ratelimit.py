@@ -6,6 +6,7 @@ replica falls back to its own buckets (a tenant may then get up to rate × ingre
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 @dataclass
 class TokenBucket:
     rate: float  # tokens per second
-    burst: int  # capacity
+    burst: float  # capacity
     tokens: float = field(default=-1.0)
     stamp: float = field(default_factory=time.monotonic)
 
@@ -33,17 +34,21 @@ class TokenBucket:
 
 
 class Buckets:
-    """One bucket per tenant; a changed rate or burst replaces the tenant's bucket."""
+    """One bucket per key (a tenant's requests, or its pixels); a changed rate or burst replaces the bucket.
+    Thread-safe: Ray Serve runs a replica's sync methods in a thread pool, and an unlocked read-modify-write let a
+    burst of 100 requests admit up to 173."""
 
     def __init__(self):
         self._b: dict[str, TokenBucket] = {}
+        self._lock = threading.Lock()
 
-    def take(self, tenant: str, rate: float, burst: int, now: float | None = None) -> float:
-        now = time.monotonic() if now is None else now
-        b = self._b.get(tenant)
-        if b is None or b.rate != rate or b.burst != burst:
-            b = self._b[tenant] = TokenBucket(rate, burst, stamp=now)
-        return b.take(now)
+    def take(self, tenant: str, rate: float, burst: float, now: float | None = None, n: float = 1.0) -> float:
+        with self._lock:
+            now = time.monotonic() if now is None else now
+            b = self._b.get(tenant)
+            if b is None or b.rate != rate or b.burst != burst:
+                b = self._b[tenant] = TokenBucket(rate, burst, stamp=now)
+            return b.take(now, n)
 
 
 def retry_after(wait_s: float) -> str:

@@ -43,12 +43,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..platform import storage
-from .config import RateLimit
+from .config import OPS_APP, RateLimit
 
 log = logging.getLogger(__name__)
 PREFIX = "amk_"
 LOG_SUFFIX = ".log"
 OPS = ("add_tenant", "add_key", "revoke")
+ADMIN_DOMAIN = OPS_APP  # "ops", the ops app: a tenant with it may read /metrics and readiness details
 
 
 class TenantError(ValueError):
@@ -68,6 +69,12 @@ class Tenant:
 
     def allows(self, domain: str) -> bool:
         return "*" in self.domains or domain in self.domains
+
+    @property
+    def is_admin(self) -> bool:
+        """May read the ops endpoints' details (/metrics, readiness with models): domain "ops" named explicitly
+        ('*' does not include it; no scoring domain can be called "ops")."""
+        return ADMIN_DOMAIN in self.domains
 
 
 def _hash(key: str) -> str:
@@ -411,6 +418,15 @@ class TenantCache:
             return (f"tenant store {self.uri} unreadable for {stale:.0f} s (more than tenants_max_stale_s "
                     f"{self.max_stale_s:.0f}): {self.error}")
         return None
+
+    def admin(self, authorization: str | None) -> bool:
+        """Whether an Authorization header carries a valid key of an admin tenant (False when keys cannot be
+        checked)."""
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip() or self.problem():
+            return False
+        tenant, _ = self.index.authenticate(key.strip())
+        return tenant is not None and tenant.is_admin
 
     def authenticate(self, key: str) -> tuple[Tenant | None, str]:
         why = self.problem()

@@ -11,7 +11,6 @@ training job tests (which expect no champion before theirs)."""
 from __future__ import annotations
 
 import io
-import json
 import os
 import signal
 import subprocess
@@ -128,11 +127,15 @@ def service(ray_head, mlflow_server, s3, tmp_path_factory):
             "beta": store.add("beta", [DOMAIN], variants={DOMAIN: f"models:/anomalymoe-{DOMAIN}/{versions['v3']}"}),
             "gamma": store.add("gamma", ["objects"]),
             "slow": store.add("slow", [DOMAIN], RateLimit(per_second=0.2, burst=2)),
+            "admin": store.add("admin", ["ops"]),
+            "pixels": store.add("pixels", [DOMAIN], RateLimit(per_second=100, burst=100,
+                                                              megapixels_per_second=0.001, megapixel_burst=0.05)),
         }
         keys["alpha2"] = store.rotate("alpha")
         cfg = ServeConfig(
             port=free_port(), tenants_uri=tenants, tenants_refresh_s=1.0,
-            default_rate=RateLimit(per_second=1000, burst=1000), limits=Limits(max_body_bytes=8 * 1024 * 1024),
+            default_rate=RateLimit(per_second=1000, burst=1000),
+            limits=Limits(max_body_bytes=8 * 1024 * 1024, body_timeout_s=3.0),
             domains=[DomainConfig(domain=DOMAIN, max_batch_size=4, max_ongoing_requests=8, scorer_cpus=0.5,
                                   torch_threads=1, batch_wait_timeout_s=0.02,
                                   autoscaling=Autoscaling(min_replicas=2, max_replicas=2))])
@@ -193,8 +196,10 @@ def test_request_id_is_echoed(service):
 def test_bad_input_is_refused_and_service_keeps_serving(service):
     s = service
     good = s.good
-    big = io.BytesIO()
+    big, gif_buf = io.BytesIO(), io.BytesIO()
     Image.new("1", (10_000, 10_000)).save(big, format="PNG")
+    Image.open(io.BytesIO(good)).convert("P").save(gif_buf, format="GIF")
+    gif = gif_buf.getvalue()
     cases = [
         ("empty body", b"", "image/png", 400, "empty_body"),
         ("truncated PNG", good[: len(good) // 2], "image/png", 400, "bad_image"),
@@ -202,6 +207,7 @@ def test_bad_input_is_refused_and_service_keeps_serving(service):
         ("10000x10000 image", big.getvalue(), "image/png", 413, "image_too_large"),
         ("200 MB body", b"\0" * (200 * 1024 * 1024), "image/png", 413, "payload_too_large"),
         ("wrong content type", good, "text/plain", 415, "unsupported_media_type"),
+        ("a GIF sent as image/png", gif, "image/png", 415, "unsupported_media_type"),
     ]
     for name, body, ctype, status, code in cases:
         r = s.score("alpha", data=body, ctype=ctype)
@@ -216,7 +222,9 @@ def test_bad_input_is_refused_and_service_keeps_serving(service):
     body = r.json()
     assert r.status_code == 200 and body["category"] == f"{DOMAIN}/tray" and body["category_inference"] is None
     overlay = Image.open(io.BytesIO(__import__("base64").b64decode(body["anomaly_map"]["png_base64"])))
-    assert overlay.format == "PNG" and overlay.size[0] == body["anomaly_map"]["size"]
+    # the map comes back in the image's own geometry
+    assert overlay.format == "PNG" and overlay.size == Image.open(io.BytesIO(good)).size \
+        == (body["anomaly_map"]["width"], body["anomaly_map"]["height"])
     r = s.score("alpha", params="?category=nope")
     assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_category"
 
@@ -229,6 +237,44 @@ def test_rate_limit(service):
     r = limited[0]
     assert int(r.headers["Retry-After"]) >= 1 and r.json()["error"]["code"] == "rate_limited"
     assert r.headers["X-RateLimit-Scope"] == "service"  # one bucket for every ingress replica
+
+
+def test_pixels_are_rate_limited_and_a_trickled_body_times_out(service):
+    """Within its request rate, a tenant is still limited by the megapixels it makes the service decode; a client
+    trickling its body cannot hold an ingress slot past limits.body_timeout_s (408), and the service keeps
+    answering others meanwhile."""
+    import socket
+
+    s = service
+    w, h = Image.open(io.BytesIO(s.good)).size
+    fits = int(0.05 // (w * h / 1e6))  # images that fit the 0.05 MP burst
+    codes = [s.score("pixels").status_code for _ in range(fits + 2)]
+    assert codes[:fits] == [200] * fits and 429 in codes[fits:], (fits, codes)
+    limited = s.score("pixels")
+    assert limited.status_code == 429 and "megapixels" in limited.json()["error"]["message"]
+    big = io.BytesIO()
+    Image.new("RGB", (400, 400)).save(big, format="PNG")  # 0.16 MP: over the tenant's whole burst
+    r = s.score("pixels", data=big.getvalue())
+    assert r.status_code == 413 and "megapixel burst" in r.json()["error"]["message"]
+
+    t0 = time.monotonic()
+    with socket.create_connection((s.cfg.host, s.cfg.port), timeout=30) as sock:
+        sock.sendall((f"POST /v1/{DOMAIN}/score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {s.keys['alpha']}\r\n"
+                      "Content-Type: image/png\r\nContent-Length: 100000\r\n\r\n").encode())
+        sock.settimeout(1.0)
+        answer, others = b"", None
+        while b"\r\n\r\n" not in answer and time.monotonic() - t0 < 25:
+            sock.sendall(b"\0")  # one byte a second: never done
+            if others is None:
+                others = s.score("alpha").status_code  # the service answers others meanwhile
+            try:
+                answer += sock.recv(65536)
+            except TimeoutError:
+                pass
+    took = time.monotonic() - t0
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert others == 200
+    assert s.cfg.limits.body_timeout_s <= took < s.cfg.limits.body_timeout_s + 5, took
 
 
 # ------------------------------------------------------------------------------------------------ 4. load + kill
@@ -304,17 +350,31 @@ def test_a_batch_never_mixes_models(service):
 
 # ------------------------------------------------------------------------------------------------ health, metrics
 def test_health_ready_metrics(service):
+    """Health is public; readiness says only ready/not without an admin key and what is served with one; /metrics
+    (every tenant's traffic, the variants' model URIs) needs an admin key and answers in the service's error shape
+    without one; an admin key scores nothing."""
     s = service
+    admin = {"Authorization": f"Bearer {s.keys['admin']}"}
     assert requests.get(f"{s.url}/v1/healthz", timeout=10).json() == {"status": "ok"}
     ready = requests.get(f"{s.url}/v1/readyz", timeout=10)
+    assert ready.status_code == 200 and ready.json() == {"ready": True}
+    ready = requests.get(f"{s.url}/v1/readyz", headers=admin, timeout=10)
     assert ready.status_code == 200 and ready.json()["domains"][DOMAIN]["model"]["version"] == s.versions["v1"]
-    assert requests.get(f"{s.url}/v1/{DOMAIN}/readyz", timeout=10).status_code == 200
+    dom = requests.get(f"{s.url}/v1/{DOMAIN}/readyz", timeout=10)
+    assert dom.status_code == 200 and dom.json() == {"ready": True}
+    assert requests.get(f"{s.url}/v1/{DOMAIN}/readyz", headers=admin, timeout=10).json()["model"]["version"] \
+        == s.versions["v1"]
+    for headers in ({}, {"Authorization": f"Bearer {s.keys['alpha']}"}):
+        r = requests.get(f"{s.url}/metrics", headers=headers, timeout=10)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+        assert "alpha" not in r.text and r.json()["error"]["request_id"]
+    assert s.score("admin").status_code == 403
     expected = [f'anomalymoe_requests_total{{code="200",domain="{DOMAIN}",tenant="alpha"}}',
                 f'anomalymoe_requests_total{{code="429",domain="{DOMAIN}",tenant="slow"}}',
                 f'anomalymoe_errors_total{{code="unauthorized",domain="{DOMAIN}",tenant="-"}}']
     t0 = time.monotonic()
     while True:  # replicas push their counts every second
-        text = requests.get(f"{s.url}/metrics", timeout=10).text
+        text = requests.get(f"{s.url}/metrics", headers=admin, timeout=10).text
         missing = [e for e in expected if e not in text]
         if not missing:
             break
@@ -403,5 +463,6 @@ def test_promotion_during_requests_switches_version_without_failures(service):
     assert codes == Counter({200: len(seen)}), codes
     assert versions[s.versions["v1"]] > 0 and versions[s.versions["v2"]] > 0
     assert scorer_pids() == pids  # reconfigured in place: the same replica processes
-    assert json.loads(requests.get(f"{s.url}/v1/readyz", timeout=10).text)["domains"][DOMAIN]["model"]["version"] \
-        == s.versions["v2"]
+    admin = {"Authorization": f"Bearer {s.keys['admin']}"}
+    assert requests.get(f"{s.url}/v1/readyz", headers=admin, timeout=10).json()["domains"][DOMAIN]["model"][
+        "version"] == s.versions["v2"]

@@ -329,6 +329,57 @@ def test_check_image_reads_only_the_header():
         assert e.value.status == status
 
 
+def test_check_image_wants_the_declared_format():
+    """Any format Pillow opens used to be decoded whatever the declared type (GIF and ICO accepted as image/png):
+    the header's format must be the declared type's (415), and an undeclared part must be a format the service
+    takes."""
+    def encoded(fmt: str, **kw) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (9, 99, 199)).save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
+    assert check_image(encoded("PNG"), 10_000, 100, "image/png") == (16, 16)
+    assert check_image(encoded("JPEG"), 10_000, 100, "image/jpeg") == (16, 16)
+    assert check_image(encoded("JPEG"), 10_000, 100, None) == (16, 16)  # a multipart part without a type
+    for data, declared in ((encoded("GIF"), "image/png"), (encoded("ICO", sizes=[(16, 16)]), "image/png"),
+                           (encoded("PNG"), "image/jpeg"), (encoded("GIF"), None)):
+        with pytest.raises(ApiError) as e:
+            check_image(data, 10_000, 100, declared)
+        assert e.value.status == 415 and "not the declared" in e.value.message
+
+
+def test_buckets_are_exact_under_threads_and_count_pixels():
+    """ServeState.take runs in Serve's thread pool: 32 threads released at once, 5 takes each from a burst of 10
+    (no refill), admit exactly 10, trial after trial. Unlocked, two threads could each create the tenant's bucket
+    (measured here: 20 admitted in about 4 trials of 10; the issue saw 173 of a burst of 100). Pixels are a second
+    bucket charged by size."""
+    import sys
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: a race shows
+    admitted = []
+    try:
+        for _ in range(20):
+            b, start = Buckets(), threading.Barrier(32)
+
+            def go(_, b=b, start=start):
+                start.wait()
+                return [b.take("t", 1e-9, 10) for _ in range(5)]
+
+            with ThreadPoolExecutor(32) as pool:
+                admitted.append(sum(w == 0.0 for ws in pool.map(go, range(32)) for w in ws))
+    finally:
+        sys.setswitchinterval(switch)
+    assert admitted == [10] * 20
+    px = Buckets()
+    assert px.take("t#px", 40.0, 200.0, now=0.0, n=36.0) == 0.0  # one 6000 x 6000 image
+    assert px.take("t#px", 40.0, 200.0, now=0.0, n=164.0) == 0.0
+    assert px.take("t#px", 40.0, 200.0, now=0.0, n=36.0) == pytest.approx(36.0 / 40.0)  # then wait for 36 MP
+    assert sc.RateLimit().megapixels_per_second == 40.0  # counted by default
+
+
 # ------------------------------------------------------------------------------------------------ inference
 @pytest.fixture(scope="module")
 def loaded():
@@ -437,3 +488,29 @@ def test_serve_cli_tenants_render_and_errors(tmp_path, capsys):
     assert apps == ["ops", "textures"]
     with pytest.raises(SystemExit, match="no domain 'video'"):
         job.main(["render", "--domain", "video"])
+
+
+def test_an_unexpected_error_answers_with_its_request_id_only(caplog):
+    """A 500 carried the exception text (Ray actor ids, hosts, paths, the MLflow URI): now the body has the error
+    shape and the request id only; the details are in the log under that id. The ops app has the same shape."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from anomalymoe.serve import errors
+    from anomalymoe.serve.ops import ops_api
+
+    app = errors.install(FastAPI())
+
+    @app.get("/boom")
+    async def boom():
+        raise RuntimeError("ActorDiedError: actor 9f3a1c on 10.0.0.7, /home/ray/.cache/x, http://mlflow:5000")
+
+    with caplog.at_level("ERROR", logger="ray.serve"):
+        r = TestClient(app, raise_server_exceptions=False).get("/boom", headers={"X-Request-ID": "req-7"})
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal"
+    assert r.json()["error"]["request_id"] == "req-7" and "req-7" in r.json()["error"]["message"]
+    assert "10.0.0.7" not in r.text and "9f3a1c" not in r.text and "mlflow" not in r.text
+    assert "req-7" in caplog.text and "10.0.0.7" in caplog.text  # the operator still has it
+    missing = TestClient(ops_api).get("/nope")
+    assert missing.status_code == 404 and set(missing.json()["error"]) == {"code", "message", "request_id"}
+    assert TestClient(ops_api).get("/metrics").json()["error"]["code"] == "unauthorized"  # no admin key
