@@ -96,6 +96,22 @@ def cmd_deploy(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    """After a promotion: switch the running apps to the new champions, or leave the previous ones serving and exit
+    non-zero with the reason (app.push: pre-load here, deploy, every replica switched, else roll back)."""
+    from anomalymoe.platform.ray_training import connect_ray
+    from anomalymoe.serve.app import PushError, push
+
+    cfg = _config(args)
+    connect_ray(args.address or os.environ.get("RAY_ADDRESS") or "auto")
+    try:
+        pinned = push(cfg)
+    except (PushError, RegistryError) as e:
+        raise SystemExit(f"push failed, the previous versions keep serving: {e}") from None
+    print("SUMMARY " + json.dumps({"url": f"http://{cfg.host}:{cfg.port}", "pins": pinned}))
+    return 0
+
+
 def cmd_status(args) -> int:
     import ray
     from ray import serve
@@ -190,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "tenants" and args.action != "list" and not args.name:
         ap.error(f"tenants {args.action} needs a name")
-    handlers = {"run": cmd_run, "deploy": cmd_deploy, "push": cmd_deploy, "status": cmd_status,
+    handlers = {"run": cmd_run, "deploy": cmd_deploy, "push": cmd_push, "status": cmd_status,
                 "render": cmd_render, "openapi": cmd_openapi, "tenants": cmd_tenants}
     try:
         return handlers[args.command](args)

@@ -159,14 +159,37 @@ def check(domain: str, version: str, data: list[str] | None = None, tol: float =
 
 
 def promote(domain: str, version: str, data: list[str] | None = None, tol: float = 0.0) -> GateReport:
-    """Move `champion` to `version` if every gate passes (the previous champion is kept as a tag)."""
+    """Move `champion` to `version` if every gate passes (the previous champion is kept as a tag).
+
+    A compare-and-set on the champion: the gates compare against the champion read when they start; if another
+    promotion moved it meanwhile, this one is refused ("rerun: compare against the new champion") instead of the
+    later write winning whatever its metrics. MLflow has no conditional alias update, so the check is made right
+    before the move and again after it: a promotion that lost a race in between says so (and its tag names the
+    champion it actually replaced)."""
     rep = check(domain, version, data, tol)
-    if rep.passed:
-        c = registry.client()
-        name = registry.model_name(domain)
-        c.set_registered_model_alias(name, registry.CHAMPION, str(version))
-        c.set_model_version_tag(name, str(version), "promoted_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        c.set_model_version_tag(name, str(version), "previous_champion", rep.champion or "")
+    if not rep.passed:
+        return rep
+    c = registry.client()
+    name = registry.model_name(domain)
+
+    def champion() -> str | None:
+        v = registry.version_of(domain, registry.CHAMPION)
+        return str(v.version) if v else None
+
+    now = champion()
+    if now != rep.champion:
+        rep.gates.append(Gate("champion unchanged", False, f"the champion moved from {rep.champion} to {now} while "
+                                                           "the gates ran: rerun to compare against it"))
+        return rep
+    c.set_registered_model_alias(name, registry.CHAMPION, str(version))
+    after = champion()
+    if after != str(version):
+        rep.gates.append(Gate("champion unchanged", False, f"another promotion set the champion to {after} at the "
+                                                           "same moment: rerun to compare against it"))
+        return rep
+    rep.gates.append(Gate("champion unchanged", True, f"{rep.champion} -> {version}"))
+    c.set_model_version_tag(name, str(version), "promoted_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    c.set_model_version_tag(name, str(version), "previous_champion", now or "")
     return rep
 
 

@@ -20,7 +20,7 @@ from ray import serve
 from ray.serve import Application
 
 from .config import OPS_APP, ServeConfig, render
-from .inference import resolve
+from .inference import load, resolve
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,85 @@ def wait_ready(cfg: ServeConfig, timeout: float = 600.0) -> dict[str, Any]:
     raise NotReady(f"the service did not become ready in {timeout:.0f} s: {json.dumps(body)[:1000]}")
 
 
-def push(cfg: ServeConfig) -> dict[str, dict[str, str]]:
-    """After a promotion: resolve the aliases again and redeploy; unchanged domains are left alone by Serve."""
-    return deploy(cfg)
+class PushError(RuntimeError):
+    """A push that did not switch: the previous versions keep serving (rolled back where needed); says why."""
+
+
+def _infos(domain: str, n: int, timeout: float = 10.0) -> list[dict[str, Any] | BaseException]:
+    """`n` answers of the domain's scorer replicas to `info()` (the router spreads them over the replicas)."""
+    try:
+        h = serve.get_deployment_handle("Scorer", app_name=domain)
+        calls = [h.info.remote() for _ in range(n)]
+    except Exception as e:  # noqa: BLE001 - the app is not running
+        return [e]
+    out: list[dict[str, Any] | BaseException] = []
+    for c in calls:
+        try:
+            out.append(c.result(timeout_s=timeout))
+        except Exception as e:  # noqa: BLE001 - a replica still starting or gone: counted as not switched
+            out.append(e)
+    return out
+
+
+def serving(cfg: ServeConfig) -> dict[str, dict[str, Any]]:
+    """domain → what one of its scorer replicas answers to `info()` (model, failed), for the running apps."""
+    return {d.domain: a for d in cfg.domains for a in _infos(d.domain, 1)[:1] if isinstance(a, dict)}
+
+
+def _replicas(domain: str) -> int:
+    st = serve.status().applications.get(domain)
+    dep = st.deployments.get("Scorer") if st else None
+    return max(1, sum(dep.replica_states.values())) if dep else 1
+
+
+def _switched(domains: list[str], want: dict[str, dict[str, str]], timeout: float) -> dict[str, str]:
+    """Ask every changed domain's scorers until all answer with the new version (→ {}), or one reports it would
+    not load (→ {domain: why}), or `timeout` passes (→ {domain: "timed out …"})."""
+    t0, bad, pending = time.monotonic(), {}, set(domains)
+    while pending and time.monotonic() - t0 < timeout:
+        for d in sorted(pending):
+            answers = _infos(d, 3 * _replicas(d))
+            failed = [a["failed"] for a in answers if isinstance(a, dict) and a.get("failed")
+                      and a["failed"].get("uri") == want[d]["uri"]]
+            if failed:
+                bad[d] = failed[0]["error"]
+                pending.discard(d)
+            elif all(isinstance(a, dict) and (a.get("model") or {}).get("uri") == want[d]["uri"] for a in answers):
+                pending.discard(d)
+        if pending:
+            time.sleep(0.5)
+    bad.update({d: f"timed out after {timeout:.0f} s waiting for every replica to load it" for d in pending})
+    return bad
+
+
+def push(cfg: ServeConfig, timeout: float = 300.0, precheck: bool = True) -> dict[str, dict[str, str]]:
+    """After a promotion: resolve the aliases again and switch the running apps, safely.
+
+    1. Each changed domain's new version is loaded here first (`precheck`): a broken version or an unreachable
+       registry fails the push before any replica is touched.
+    2. The new pins are deployed; Serve reconfigures the replicas in place (each loads the new model beside the
+       old and switches on success; a replica that cannot load it keeps the old one, Scorer.reconfigure).
+    3. Every replica of a changed domain must then answer with the new version. If one reports a failure (or
+       `timeout` passes) the previous pins are deployed again and PushError says why: the previous version never
+       stopped serving. Unchanged domains are left alone by Serve."""
+    before = serving(cfg)
+    new = pins(cfg)
+    old = {d: {"uri": (b.get("model") or {}).get("uri"), "version": (b.get("model") or {}).get("version")}
+           for d, b in before.items() if (b.get("model") or {}).get("uri")}
+    old = {d: {**p, "alias": new[d].get("alias", p["uri"])} for d, p in old.items() if d in new}
+    changed = sorted(d for d in new if old.get(d, {}).get("uri") != new[d]["uri"])
+    if precheck:
+        for d in changed:
+            try:
+                load(new[d]["uri"])
+            except Exception as e:  # noqa: BLE001 - whatever stops it loading stops the push, with the reason
+                raise PushError(f"{d}: {new[d]['uri']} does not load here, nothing was changed: "
+                                f"{type(e).__name__}: {e}") from None
+    deploy(cfg, new)
+    bad = _switched(changed, new, timeout)
+    if bad:
+        back = {**new, **{d: old[d] for d in bad if d in old}}
+        deploy(cfg, back)
+        raise PushError("; ".join(f"{d}: {new[d]['uri']} was not switched to ({why}); rolled back to "
+                                  f"{old.get(d, {}).get('uri')}" for d, why in sorted(bad.items())))
+    return new

@@ -41,6 +41,7 @@ class Scorer:
         self.device = device_for(self.dom.scorer_gpus)  # before anything is loaded: a wrong node fails here
         torch.set_num_threads(self.dom.threads)
         self.default: Loaded | None = None
+        self.failed: dict[str, str] | None = None  # the last model that would not load (still serving default)
         self.metrics = Metrics()
         self.batches: collections.deque = collections.deque(maxlen=2000)  # (model id, size): for tests/debugging
         self._batch.set_max_batch_size(self.dom.max_batch_size)
@@ -49,18 +50,33 @@ class Scorer:
         self._flusher: asyncio.Task | None = None
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Load the pinned model beside the current one and switch on success. A failure (an MLflow or S3 blip, a
+        broken version) with a model already loaded keeps that model serving and is reported by `info()`, so
+        `jobs/serve.py push` rolls the config back; raising here would make Serve stop the replica, and its
+        replacements fail the same way: with one replica the domain went offline. Only a replica with nothing
+        loaded yet fails (Serve reports it unhealthy with the reason)."""
         uri = user_config.get("uri")
         if not uri:
             raise ValueError(f"Scorer {self.domain}: user_config needs a model 'uri', got {user_config}")
         if self.default is not None and self.default.uri == uri:
+            self.failed = None
             return
         t0 = time.perf_counter()
-        loaded = await asyncio.to_thread(load, uri, self.dom.threads, self.device)
-        pinned = user_config.get("version")
-        # a path or s3:// URI resolves to "local" (no registry version to pin); the loaded model names itself by its
-        # config hash, which is not a mismatch
-        if pinned and pinned != "local" and pinned != loaded.version:
-            raise ValueError(f"{uri} resolved to version {loaded.version}, the deployment pins {pinned}")
+        try:
+            loaded = await asyncio.to_thread(load, uri, self.dom.threads, self.device)
+            pinned = user_config.get("version")
+            # a path or s3:// URI resolves to "local" (no registry version to pin); the loaded model names itself by
+            # its config hash, which is not a mismatch
+            if pinned and pinned != "local" and pinned != loaded.version:
+                raise ValueError(f"{uri} resolved to version {loaded.version}, the deployment pins {pinned}")
+        except Exception as e:
+            if self.default is None:
+                raise
+            self.failed = {"uri": uri, "error": f"{type(e).__name__}: {e}"[:1000]}
+            log.error("Scorer %s keeps serving %s version %s: loading %s failed: %s", self.domain, self.default.name,
+                      self.default.version, uri, e)
+            return
+        self.failed = None
         old, self.default = self.default, loaded
         if old is not None:
             self.metrics.clear_gauge("anomalymoe_model_info", domain=self.domain, variant="")
@@ -81,7 +97,7 @@ class Scorer:
         """What this replica serves (the readiness check calls this)."""
         d = self.default
         return {"domain": self.domain, "ready": d is not None, "model": d.describe() if d else None,
-                "device": str(self.device)}
+                "device": str(self.device), "failed": self.failed}
 
     async def recent_batches(self) -> list[tuple[str, int]]:
         return list(self.batches)

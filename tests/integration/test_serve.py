@@ -466,3 +466,40 @@ def test_promotion_during_requests_switches_version_without_failures(service):
     admin = {"Authorization": f"Bearer {s.keys['admin']}"}
     assert requests.get(f"{s.url}/v1/readyz", headers=admin, timeout=10).json()["domains"][DOMAIN]["model"][
         "version"] == s.versions["v2"]
+
+
+def test_a_failed_push_leaves_the_previous_version_serving(service, tmp_path):
+    """A champion that does not load (here: its weights file cut short): `push` fails before touching the service
+    (it loads the version itself first); and when the replicas are the ones that cannot load it (pre-check skipped,
+    as for an S3 or MLflow blip on their side), they keep the previous model, push sees it, deploys the previous
+    pins again and fails with the reason. The domain answers 200 with the previous version throughout."""
+    import mlflow
+
+    from anomalymoe.platform import registry
+    from anomalymoe.serve import app
+
+    s = service
+    name = registry.model_name(DOMAIN)
+    before = s.score("alpha").json()["model"]["version"]
+    art = registry.download(f"models:/{name}/{before}", tmp_path / "art")
+    weights = art / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    mlflow.set_tracking_uri(registry.tracking_uri())
+    with mlflow.start_run(experiment_id=registry.experiment_id("serve-test")) as run:
+        mlflow.log_artifacts(str(art), artifact_path=registry.ARTIFACT_PATH)
+    broken = registry.register(run.info.run_id, DOMAIN, {"manifest_hash": "serve-test"}, alias=None)
+    c = registry.client()
+    c.set_registered_model_alias(name, registry.CHAMPION, broken)  # as a bad promotion would
+    try:
+        with pytest.raises(app.PushError, match="does not load here, nothing was changed"):
+            app.push(s.cfg)
+        assert s.score("alpha").json()["model"]["version"] == before
+        with pytest.raises(app.PushError, match=f"rolled back to models:/{name}/{before}"):
+            app.push(s.cfg, precheck=False, timeout=120)
+        for _ in range(10):
+            r = s.score("alpha")
+            assert r.status_code == 200 and r.json()["model"]["version"] == before
+        info = app.serving(s.cfg)[DOMAIN]
+        assert info["model"]["version"] == before
+    finally:
+        c.set_registered_model_alias(name, registry.CHAMPION, before)

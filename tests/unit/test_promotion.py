@@ -69,7 +69,8 @@ def test_gates(store, data):
         else (vb, va)
     rep = promotion.promote("textures", better)
     assert rep.passed, rep.text()
-    assert [g.name for g in rep.gates] == ["artifact", "calibration", "smoke inference", "not worse than champion"]
+    assert [g.name for g in rep.gates] == ["artifact", "calibration", "smoke inference", "not worse than champion",
+                                           "champion unchanged"]
     assert str(registry.version_of("textures", registry.CHAMPION).version) == better
     # an uncalibrated artifact is refused at the calibration gate; the champion stays
     vu, _ = register(store, make_model(df, 2, calibrate=False), df, "u")
@@ -138,3 +139,29 @@ def test_the_metrics_gate_compares_what_both_sides_have():
     assert not g.passed and "pixel_auroc undefined for the candidate" in g.reason
     g = promotion._metrics_gate({"image_auroc": nan}, {"image_auroc": nan}, 0.0, "here")
     assert not g.passed and "no metric defined for both" in g.reason
+
+
+def test_promotion_is_a_compare_and_set_on_the_champion(store, data, monkeypatch):
+    """Two promotions at once both passed their gates against the same champion and the later write won, even if
+    worse, with `previous_champion` naming the wrong version. Now the one whose champion moved while its gates ran
+    is refused, and the champion and its tag are the first one's."""
+    root, df = data
+    v0, _ = register(store, make_model(df, 0), df, "a")
+    v1, _ = register(store, make_model(df, 1), df, "b")
+    v2, _ = register(store, make_model(df, 2), df, "c")
+    assert promotion.promote("textures", v0).passed
+    real_check = promotion.check
+
+    def racing(domain, version, *a, **kw):
+        rep = real_check(domain, version, *a, **kw)
+        if version == v2:  # while v2's gates ran against v0, another promotion moved the champion to v1
+            monkeypatch.setattr(promotion, "check", real_check)
+            assert promotion.promote("textures", v1, tol=1.0).passed
+        return rep
+
+    monkeypatch.setattr(promotion, "check", racing)
+    rep = promotion.promote("textures", v2, tol=1.0)
+    assert not rep.passed and rep.gates[-1].name == "champion unchanged"
+    assert f"moved from {v0} to {v1}" in rep.gates[-1].reason
+    assert str(registry.version_of("textures", registry.CHAMPION).version) == v1
+    assert registry.client().get_model_version(registry.model_name("textures"), v1).tags["previous_champion"] == v0
