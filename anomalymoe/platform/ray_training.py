@@ -285,9 +285,15 @@ def manifest_hash(df: pd.DataFrame) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+STATIC_CREDENTIALS = ("env", "explicit", "shared-credentials-file", "config-file")  # botocore methods that never expire
+
+
 def storage_config(uri: str) -> tuple[str, Any]:
     """(storage_path, storage_filesystem) for RunConfig: a local dir as is; s3:// through pyarrow's S3 client at
-    the platform's endpoint (AWS_ENDPOINT_URL) with credentials from the usual AWS chain."""
+    the platform's endpoint (AWS_ENDPOINT_URL) with credentials from the usual AWS chain. Static keys (env, a
+    credentials file) are handed over; refreshable ones (an IAM role, assume-role, web identity, SSO: STS tokens
+    that expire, typically within an hour) are not frozen into the filesystem: pyarrow's own AWS chain resolves and
+    refreshes them on every worker, so a long run does not fail when its first token expires."""
     if not storage.is_s3(uri):
         return str(Path(uri).resolve()), None
     import boto3
@@ -295,7 +301,7 @@ def storage_config(uri: str) -> tuple[str, Any]:
 
     creds = boto3.Session().get_credentials()
     kw: dict[str, Any] = {}
-    if creds is not None:
+    if creds is not None and getattr(creds, "method", "") in STATIC_CREDENTIALS:
         c = creds.get_frozen_credentials()
         kw.update(access_key=c.access_key, secret_key=c.secret_key, session_token=c.token)
     endpoint = storage.s3_endpoint()

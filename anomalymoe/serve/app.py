@@ -77,14 +77,41 @@ def pins(cfg: ServeConfig) -> dict[str, dict[str, str]]:
     return out
 
 
-FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                 "AWS_DEFAULT_REGION", "AWS_REGION", "ANOMALYMOE_S3_ENDPOINT")
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION",
+                 "ANOMALYMOE_S3_ENDPOINT")
+
+
+def credentials_file(env: dict[str, str] | None = None) -> str | None:
+    """This process's static AWS keys in a private (0600) credentials file, for replicas on this machine: its path
+    goes into the Serve config, never the keys (a runtime_env is shown by the Ray dashboard and Serve's APIs).
+    Replicas on other nodes use their own credentials (the pod's secret or role); a path they lack is ignored."""
+    env = os.environ if env is None else env
+    if not env.get("AWS_ACCESS_KEY_ID") or not env.get("AWS_SECRET_ACCESS_KEY"):
+        return None
+    from .config import REPO_ROOT
+
+    folder = REPO_ROOT / "outputs" / "serve"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "aws-credentials"
+    lines = ["[default]", f"aws_access_key_id = {env['AWS_ACCESS_KEY_ID']}",
+             f"aws_secret_access_key = {env['AWS_SECRET_ACCESS_KEY']}"]
+    if env.get("AWS_SESSION_TOKEN"):
+        lines.append(f"aws_session_token = {env['AWS_SESSION_TOKEN']}")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.chmod(path, 0o600)
+    return str(path)
 
 
 def with_driver_env(cfg: ServeConfig) -> ServeConfig:
     """The registry and S3 settings of this process handed to the replicas (they do not inherit the driver's
-    environment); values the config sets win."""
+    environment); values the config sets win. Keys travel as a credentials file path (credentials_file), never as
+    values: a secret in `env` is refused by ServeConfig."""
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    creds = credentials_file()
+    if creds and "AWS_SHARED_CREDENTIALS_FILE" not in cfg.env:
+        env["AWS_SHARED_CREDENTIALS_FILE"] = creds
     return cfg.model_copy(update={"env": {**env, **cfg.env}}) if env else cfg
 
 

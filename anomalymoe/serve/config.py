@@ -129,13 +129,20 @@ class ServeConfig(_Strict):
     request_timeout_s: float = Field(60.0, gt=0)
     retries: int = Field(3, ge=0, description="re-sends of a request whose replica died")
     env: dict[str, str] = Field(default_factory=dict,
-                                description="env vars for every replica (MLFLOW_TRACKING_URI, AWS_ENDPOINT_URL, …)")
+                                description="env vars for every replica (MLFLOW_TRACKING_URI, AWS_ENDPOINT_URL, …); "
+                                            "no secrets: the Ray dashboard and Serve's APIs show them")
 
     @model_validator(mode="after")
     def _unique(self) -> ServeConfig:
         names = [d.domain for d in self.domains]
         if len(set(names)) != len(names):
             raise ValueError(f"a domain is declared twice: {names}")
+        secret = sorted(k for k in self.env if any(w in k.upper() for w in ("SECRET", "TOKEN", "PASSWORD"))
+                        or k.upper() == "AWS_ACCESS_KEY_ID")
+        if secret:
+            raise ValueError(f"env {secret}: secrets do not go into the Serve config (the Ray dashboard and Serve's "
+                             "APIs show it); give the replicas a credentials file (AWS_SHARED_CREDENTIALS_FILE), "
+                             "their pod's secret or a role")
         return self
 
     def domain(self, name: str) -> DomainConfig:

@@ -514,3 +514,53 @@ def test_an_unexpected_error_answers_with_its_request_id_only(caplog):
     missing = TestClient(ops_api).get("/nope")
     assert missing.status_code == 404 and set(missing.json()["error"]) == {"code", "message", "request_id"}
     assert TestClient(ops_api).get("/metrics").json()["error"]["code"] == "unauthorized"  # no admin key
+
+
+def test_no_secret_reaches_the_serve_config(monkeypatch, tmp_path):
+    """The driver's S3 keys used to be copied into the Serve config's runtime_env, which the Ray dashboard and
+    Serve's APIs show. Now the rendered document carries a private credentials file's path and no key; a secret
+    put in the config's env is refused."""
+    from anomalymoe.serve import app
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEKEY1")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value-xyz")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    cfg = app.with_driver_env(sc.ServeConfig(domains=[sc.DomainConfig(domain="textures")]))
+    doc = json.dumps(sc.render(cfg))
+    assert "s3cr3t-value-xyz" not in doc and "AKIAEXAMPLEKEY1" not in doc
+    path = cfg.env["AWS_SHARED_CREDENTIALS_FILE"]
+    assert cfg.env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9" and path in doc
+    import os
+    import stat
+
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and "s3cr3t-value-xyz" in open(path).read()
+    with pytest.raises(ValueError, match="secrets do not go into the Serve config"):
+        sc.ServeConfig(env={"AWS_SECRET_ACCESS_KEY": "x"})
+
+
+def test_refreshable_cloud_credentials_are_not_frozen_into_checkpoint_storage(monkeypatch):
+    """An IAM role's STS token expires (typically within an hour): it is no longer frozen into the checkpoint
+    filesystem (pyarrow's own chain refreshes it on every worker); static keys still are handed over."""
+    import boto3
+    from botocore.credentials import Credentials, RefreshableCredentials
+
+    from anomalymoe.platform import ray_training
+
+    seen = {}
+
+    class FakeFS:
+        def __init__(self, **kw):
+            seen.clear()
+            seen.update(kw)
+
+    import pyarrow.fs
+
+    monkeypatch.setattr(pyarrow.fs, "S3FileSystem", FakeFS)
+    role = RefreshableCredentials("ASIA1", "tok-secret", "sess", expiry_time=__import__("datetime").datetime(
+        2030, 1, 1, tzinfo=__import__("datetime").timezone.utc), refresh_using=lambda: {}, method="assume-role")
+    monkeypatch.setattr(boto3.Session, "get_credentials", lambda self: role)
+    ray_training.storage_config("s3://bucket/runs")
+    assert "access_key" not in seen and "secret_key" not in seen
+    monkeypatch.setattr(boto3.Session, "get_credentials", lambda self: Credentials("AKIA1", "static", method="env"))
+    ray_training.storage_config("s3://bucket/runs")
+    assert seen["access_key"] == "AKIA1" and seen["secret_key"] == "static"
