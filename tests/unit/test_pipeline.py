@@ -520,3 +520,29 @@ def test_framing_picks_each_categorys_frame_in_every_loader(tmp_path):
     got, _ = to_batch(pd.concat(batches))
     assert torch.equal(got, images)
     assert pd.concat(batches)["width"].tolist() == [120, 120]
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_with_their_own_size():
+    """Draft mode: a JPEG far larger than the frame decodes at 1/2..1/8 scale in the DCT, within a few grey levels of
+    the full decode; the size reported (letterbox box, the service's map) is the image's own, EXIF turn included."""
+    rng = np.random.default_rng(4)
+    small = (rng.random((100, 300, 3)) * 255).astype(np.uint8)
+    big = Image.fromarray(small).resize((2400, 800), Image.BILINEAR)
+    buf = io.BytesIO()
+    big.save(buf, "JPEG", quality=92)
+    data = buf.getvalue()
+    from anomalymoe.platform.pipeline import decode_sized
+
+    f = Frame(56, aspect="letterbox")
+    got, size = decode_sized(data, f)
+    assert size == (2400, 800)
+    with Image.open(io.BytesIO(data)) as im:
+        full = np.asarray(f.apply(im.convert("RGB"), Image.BILINEAR), dtype=float)
+    assert np.abs(got.astype(float) - full).mean() < 2.0 and np.abs(got.astype(float) - full).max() <= 16
+    x0, y0, x1, y1 = f.content_box(2400, 800)
+    assert not got[: y0].any() and got[y0:y1].any()  # the box of the original's shape
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored wide, viewed tall
+    buf = io.BytesIO()
+    big.save(buf, "JPEG", quality=92, exif=exif)
+    assert decode_sized(buf.getvalue(), f)[1] == (800, 2400)
