@@ -4,11 +4,13 @@ tenant API keys. The configuration is a ServeConfig YAML (anomalymoe/serve/confi
     python jobs/serve.py run                          # local Ray, textures + objects @champion, until Ctrl-C
     python jobs/serve.py run --domain textures --port 8000
     python jobs/serve.py deploy --address auto --config infra/serve/local.yaml   # onto a running cluster, exit
-    python jobs/serve.py push --address auto          # after jobs/promote.py: running apps switch in place
+    python jobs/serve.py push --address auto          # after jobs/promote.py: running apps switch in place, or
+                                                      # the previous versions keep serving and it exits 1
     python jobs/serve.py render --out serve.yaml      # the Serve config for `serve deploy` / a RayService
     python jobs/serve.py status --address auto
     python jobs/serve.py tenants add acme --domain textures [--rate 5 --burst 10] [--variant textures=models:/…/4]
     python jobs/serve.py tenants rotate acme [--revoke-old] | revoke <key id|key|tenant> | list
+    python jobs/serve.py tenants add monitor --domain ops   # an admin key: /metrics and readiness details
     python jobs/serve.py openapi --out docs/openapi.json
 
 Then: curl -H "Authorization: Bearer <key>" -H "Content-Type: image/png" --data-binary @img.png \\

@@ -65,7 +65,8 @@ def test_kuberay_required_fields(rendered):
     cfg, serve, manifests = rendered
     kinds = {}
     for name, m in manifests.items():
-        assert m["apiVersion"] in ("v1", "ray.io/v1", "networking.k8s.io/v1") and m["metadata"]["name"] and m["metadata"]["namespace"], name
+        assert m["apiVersion"] in ("v1", "ray.io/v1", "networking.k8s.io/v1"), name
+        assert m["metadata"]["name"] and m["metadata"]["namespace"], name
         kinds.setdefault(m["kind"], []).append(m)
         if m["kind"] not in ("RayJob", "RayService"):
             continue
