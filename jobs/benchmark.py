@@ -30,20 +30,20 @@ from anomalymoe.bench.model import bench_model, peak_rss_mb, table  # noqa: E402
 from anomalymoe.bench.quality import add_arguments as quality_arguments  # noqa: E402
 from anomalymoe.bench.quality import bench_quality, level_aurocs  # noqa: E402
 from anomalymoe.bench.quality import table as quality_table  # noqa: E402
-from anomalymoe.models.anomalymoe import AnomalyMoE  # noqa: E402
 from anomalymoe.models.config import presets  # noqa: E402
+from anomalymoe.models.model import AnomalyMoE  # noqa: E402
 from anomalymoe.models.precision import device_of  # noqa: E402
-from anomalymoe.platform.trainer import TrainConfig  # noqa: E402
+from anomalymoe.platform.train.trainer import TrainConfig  # noqa: E402
 
 
 def bench_ablation(args) -> dict:
     """Full MoE vs a patch-experts-only model on the objects domain, same data, steps, batch, lr and seed."""
     from anomalymoe.models.artifact import save_artifact
-    from anomalymoe.platform.data import resolve_data
-    from anomalymoe.platform.evaluation import evaluate
-    from anomalymoe.platform.pipeline import Framing
-    from anomalymoe.platform.segmentation import SegmentParams, prepare_parts
-    from anomalymoe.platform.trainer import seed_everything, train_and_calibrate
+    from anomalymoe.platform.data.pipeline import Framing
+    from anomalymoe.platform.data.segmentation import SegmentParams, prepare_parts
+    from anomalymoe.platform.data.sources import resolve_data
+    from anomalymoe.platform.evaluation.evaluate import evaluate
+    from anomalymoe.platform.train.trainer import seed_everything, train_and_calibrate
 
     df, _ = resolve_data("demo", demo_root=args.data_root, domains=["objects"], seed=args.seed)
     device = device_of(args.device)
@@ -134,7 +134,7 @@ def bench_train(args) -> dict:
     2 workers with the same global batch; no MLflow, no validation, a checkpoint only at the end."""
     import tempfile
 
-    from anomalymoe.platform.ray_training import (
+    from anomalymoe.platform.train.job import (
         JobSpec,
         connect_ray,
         cpus_per_worker,
@@ -388,11 +388,11 @@ def bench_serve(args) -> dict:
         from ray import serve
 
         from anomalymoe.models.artifact import save_artifact
-        from anomalymoe.platform import registry
-        from anomalymoe.platform.data import resolve_data
-        from anomalymoe.platform.demo_data import generate_textures
-        from anomalymoe.platform.local_proc import free_port
-        from anomalymoe.platform.pipeline import Framing, load_rows
+        from anomalymoe.platform.cluster.local.proc import free_port
+        from anomalymoe.platform.data.demo.textures import generate_textures
+        from anomalymoe.platform.data.pipeline import Framing, load_rows
+        from anomalymoe.platform.data.sources import resolve_data
+        from anomalymoe.platform.tracking import registry
         from anomalymoe.serve import inference
         from anomalymoe.serve.app import deploy, wait_ready
         from anomalymoe.serve.config import Autoscaling, DomainConfig, RateLimit, ServeConfig

@@ -28,10 +28,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
-from anomalymoe.platform import registry  # noqa: E402
-from anomalymoe.platform.data import ensure_demo_data  # noqa: E402
-from anomalymoe.platform.evaluation import metrics_table  # noqa: E402
-from anomalymoe.platform.job_config import USER_ERRORS, add_config_arguments  # noqa: E402
+from anomalymoe.platform.data.sources import ensure_demo_data  # noqa: E402
+from anomalymoe.platform.evaluation.evaluate import metrics_table  # noqa: E402
+from anomalymoe.platform.tracking import registry  # noqa: E402
+from anomalymoe.platform.train.config import USER_ERRORS, add_config_arguments  # noqa: E402
 
 STAGES = 7
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def build_spec(args, out: Path):
     the same code as jobs/train.py, then the demo's own data, names and places."""
     import dataclasses
 
-    from anomalymoe.platform import job_config
+    from anomalymoe.platform.train import config as job_config
 
     conf = job_config.layer(job_config.config_ref(args), job_config.flags_from_args(args))
     weights = conf["model"]["backbone"]["weights"]
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    {dom}: {s['n_images']} images, {s['n_masks']} defect masks "
               f"({'generated' if s['regenerated'] else 'reused'})", flush=True)
 
-    from anomalymoe.platform.ray_training import connect_ray, run_job
+    from anomalymoe.platform.train.job import connect_ray, run_job
 
     summary = reusable(out, spec.name)
     if summary:
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         print("    " + rep.text().replace("\n", "\n    "), flush=True)
 
     stage(4, "start the scoring service (Ray Serve: one application per domain + ops) with a demo tenant")
-    from anomalymoe.platform.local_proc import free_port, port_free
+    from anomalymoe.platform.cluster.local.proc import free_port, port_free
     from anomalymoe.serve.app import NotReady, deploy, wait_ready
     from anomalymoe.serve.config import DomainConfig, RateLimit, ServeConfig
     from anomalymoe.serve.tenants import TenantError, TenantStore
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    {url}/v1/{d}/score  serves anomalymoe-{d} version {p['version']}", flush=True)
 
         stage(5, "score test images over HTTP (Authorization: Bearer <demo key>, ?map=true)")
-        from anomalymoe.platform.data import resolve_data
+        from anomalymoe.platform.data.sources import resolve_data
 
         df, _ = resolve_data("demo", demo_root=out / "data", seed=seed)
         rows = score_over_http(url, key, df[df["split"] == "test"])

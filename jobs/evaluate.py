@@ -22,11 +22,11 @@ import torch  # noqa: E402
 
 from anomalymoe.models.artifact import load_artifact  # noqa: E402
 from anomalymoe.models.precision import describe, device_of  # noqa: E402
-from anomalymoe.platform import registry  # noqa: E402
-from anomalymoe.platform.data import resolve_data  # noqa: E402
-from anomalymoe.platform.evaluation import evaluate, metrics_table  # noqa: E402
-from anomalymoe.platform.manifest import ManifestError, ensure_valid  # noqa: E402
-from anomalymoe.platform.storage import StorageError  # noqa: E402
+from anomalymoe.platform.data.manifest import ManifestError, ensure_valid  # noqa: E402
+from anomalymoe.platform.data.sources import resolve_data  # noqa: E402
+from anomalymoe.platform.data.storage import StorageError  # noqa: E402
+from anomalymoe.platform.evaluation.evaluate import evaluate, metrics_table  # noqa: E402
+from anomalymoe.platform.tracking import registry  # noqa: E402
 
 
 def resolve_model(uri: str) -> Path:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
-from anomalymoe.platform import promotion, registry  # noqa: E402
+from anomalymoe.platform import promotion
+from anomalymoe.platform.tracking import registry  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from anomalymoe.models.backbone import Backbone  # noqa: E402
 from anomalymoe.models.config import BackboneConfig  # noqa: E402
-from anomalymoe.platform.data import resolve_data  # noqa: E402
-from anomalymoe.platform.manifest import ManifestError, ensure_valid  # noqa: E402
-from anomalymoe.platform.segmentation import SegmentParams, segment_manifest  # noqa: E402
+from anomalymoe.platform.data.manifest import ManifestError, ensure_valid  # noqa: E402
+from anomalymoe.platform.data.segmentation import SegmentParams, segment_manifest  # noqa: E402
+from anomalymoe.platform.data.sources import resolve_data  # noqa: E402
 
 
 def parse_k(values: list[str]) -> tuple[int, dict[str, int]]:
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, ks in kept.items():
         print(f"  {key}: kept clusters {ks}")
     if args.manifest_out:
-        from anomalymoe.platform.manifest import write_manifest
+        from anomalymoe.platform.data.manifest import write_manifest
 
         write_manifest(df, args.manifest_out)
         print(f"manifest with component masks -> {args.manifest_out}")

@@ -30,8 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
-from anomalymoe.platform.registry import RegistryError  # noqa: E402
-from anomalymoe.platform.storage import StorageError  # noqa: E402
+from anomalymoe.platform.data.storage import StorageError  # noqa: E402
+from anomalymoe.platform.tracking.registry import RegistryError  # noqa: E402
 from anomalymoe.serve.config import RateLimit, ServeConfig, load_config, render_yaml  # noqa: E402
 from anomalymoe.serve.tenants import TenantError, TenantStore  # noqa: E402
 
@@ -49,7 +49,7 @@ def _config(args) -> ServeConfig:
 
 
 def _deploy(cfg: ServeConfig, address: str | None) -> dict:
-    from anomalymoe.platform.ray_training import connect_ray
+    from anomalymoe.platform.train.job import connect_ray
     from anomalymoe.serve.app import deploy
 
     connect_ray(address)
@@ -101,7 +101,7 @@ def cmd_deploy(args) -> int:
 def cmd_push(args) -> int:
     """After a promotion: switch the running apps to the new champions, or leave the previous ones serving and exit
     non-zero with the reason (app.push: pre-load here, deploy, every replica switched, else roll back)."""
-    from anomalymoe.platform.ray_training import connect_ray
+    from anomalymoe.platform.train.job import connect_ray
     from anomalymoe.serve.app import PushError, push
 
     cfg = _config(args)

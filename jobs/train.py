@@ -26,14 +26,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
-from anomalymoe.platform.job_config import (  # noqa: E402
+from anomalymoe.platform.train.config import (  # noqa: E402
     USER_ERRORS,
     add_config_arguments,
     build_spec,
     config_ref,
     flags_from_args,
 )
-from anomalymoe.platform.ray_training import run_job  # noqa: E402
+from anomalymoe.platform.train.job import run_job  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ per trial; the best finished trial's model is calibrated, evaluated and register
     python jobs/tune.py --config configs/cpu-small.yaml --data mvtec=s3://bucket/mvtec --trials 32 --steps 2000
 
 --config / --preset, --data, --steps, --lr, --weights, --storage, --experiment ... mean what they mean to
-jobs/train.py (one implementation: anomalymoe.platform.job_config); each trial trains on 1 worker (one GPU with
+jobs/train.py (one implementation: anomalymoe.platform.train.config); each trial trains on 1 worker (one GPU with
 --gpu, or where the config's job section says gpu: true)."""
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
-from anomalymoe.platform.job_config import (  # noqa: E402
+from anomalymoe.platform.train.config import (  # noqa: E402
     USER_ERRORS,
     add_config_arguments,
     build_spec,
     config_ref,
     flags_from_args,
 )
-from anomalymoe.platform.tuning import run_tune  # noqa: E402
+from anomalymoe.platform.train.tuning import run_tune  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from ..models.anomalymoe import AnomalyMoE, MoEOutput
-from ..models.config import LEVELS, presets
-from ..models.precision import DTYPES, autocast, device_of
-from ..platform.trainer import TrainConfig, Trainer
+from anomalymoe.models.config import LEVELS, presets
+from anomalymoe.models.model import AnomalyMoE, MoEOutput
+from anomalymoe.models.precision import DTYPES, autocast, device_of
+from anomalymoe.platform.train.trainer import TrainConfig, Trainer
 
 
 def peak_rss_mb() -> float:

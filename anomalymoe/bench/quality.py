@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from ..models.anomalymoe import AnomalyMoE
-from ..models.config import LEVELS, presets
-from ..models.precision import device_of
-from ..platform.pipeline import Framing, category_batches, local_epochs, to_device
-from ..platform.trainer import TrainConfig, fit, seed_everything
+from anomalymoe.models.config import LEVELS, presets
+from anomalymoe.models.model import AnomalyMoE
+from anomalymoe.models.precision import device_of
+from anomalymoe.platform.data.pipeline import Framing, category_batches, local_epochs, to_device
+from anomalymoe.platform.train.trainer import TrainConfig, fit, seed_everything
 
 
 def level_aurocs(scores_csv: Path) -> dict[str, dict[str, float]]:
@@ -49,9 +49,9 @@ def level_aurocs(scores_csv: Path) -> dict[str, dict[str, float]]:
 
 
 def bench_quality(args) -> dict:
-    from ..platform.evaluation import evaluate
-    from ..platform.ray_training import JobSpec, prepare
-    from ..platform.validation import bank_batches, calibrate
+    from anomalymoe.platform.evaluation.evaluate import evaluate
+    from anomalymoe.platform.train.job import JobSpec, prepare
+    from anomalymoe.platform.train.validation import bank_batches, calibrate
 
     device = device_of(args.device)
     if device.type == "cuda":

@@ -20,10 +20,10 @@ from pydantic import ValidationError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .anomalymoe import AnomalyMoE
-from .config import ModelConfig, dict_hash
-from .parts import Parts
-from .scoring import Calibration
+from anomalymoe.models.config import ModelConfig, dict_hash
+from anomalymoe.models.model import AnomalyMoE
+from anomalymoe.models.parts import Parts
+from anomalymoe.models.scoring import Calibration
 
 FORMAT = "anomalymoe-artifact/1"
 

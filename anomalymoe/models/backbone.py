@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,17 +18,14 @@ from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
-from .config import BackboneConfig
+from anomalymoe.models import weights_source
+from anomalymoe.models.config import BackboneConfig
 
 log = logging.getLogger(__name__)
 
 OFFLINE_PREFIX = "offline:"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ANOMALYMOE_CACHE", Path.home() / ".cache" / "anomalymoe"))
 
 
 def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -92,41 +87,20 @@ def _tiny_vit(cfg: BackboneConfig) -> nn.Module:
         )
 
 
-def _download_s3(uri: str) -> Path:
-    """Fetch an s3:// object into the cache (keyed by URI + ETag) and return the local path."""
-    import boto3  # lazy: only needed for s3 weights
-
-    bucket, _, key = uri[len("s3://") :].partition("/")
-    if not bucket or not key:
-        raise ValueError(f"malformed S3 URI {uri!r}: expected s3://bucket/key")
-    s3 = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
-    try:
-        etag = s3.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
-    except Exception as e:  # botocore ClientError / EndpointConnectionError
-        raise FileNotFoundError(f"cannot read backbone weights {uri}: {e}") from e
-    dest = cache_dir() / "s3" / hashlib.sha256(f"{uri}:{etag}".encode()).hexdigest()[:24] / Path(key).name
-    if not dest.exists():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp:
-            try:
-                s3.download_fileobj(bucket, key, tmp)
-            except Exception as e:
-                os.unlink(tmp.name)  # never leave a partial file in the cache
-                raise FileNotFoundError(f"cannot download backbone weights {uri}: {e}") from e
-        os.replace(tmp.name, dest)
-    return dest
-
-
 def resolve_weights_file(uri: str) -> Path | None:
     """Local path of a weights URI, or None for hub tags (handled by timm)."""
     if uri.startswith(OFFLINE_PREFIX):
-        from .offline_weights import OFFLINE_DINOV2_S, offline_dinov2_vits14
+        from anomalymoe.models.offline_weights import OFFLINE_DINOV2_S, offline_dinov2_vits14
 
         if uri != OFFLINE_DINOV2_S:
             raise ValueError(f"unknown offline weights {uri!r}; available: {OFFLINE_DINOV2_S}")
         return offline_dinov2_vits14()
     if uri.startswith("s3://"):
-        return _download_s3(uri)
+        local = weights_source.fetch(uri)
+        if local is None:
+            raise ValueError(f"{uri}: s3:// backbone weights are fetched by the platform's storage layer; import "
+                             "anomalymoe.platform.data.storage first (every job and the service do)")
+        return local
     path = Path(uri).expanduser()
     looks_like_path = not uri.startswith("hf-hub:") and (
         "/" in uri or "\\" in uri or uri.startswith((".", "~")) or path.suffix != "")

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .precision import fp32
+from anomalymoe.models.precision import fp32
 
 GRID = 32  # the prior's side (7 px cells at 224 px)
 TOL = 0.25  # |coverage - prior| up to this is normal variation (a part's edge under jitter)

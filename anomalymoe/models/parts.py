@@ -4,7 +4,7 @@ applied to the tokens of the model's *own* backbone pass. Training, calibration,
 scoring service all get a request's component masks here, so the component level scores the same way on every
 path and needs no label maps at scoring time.
 
-The math is the one `jobs/segment.py` uses to write label maps (platform/segmentation.py imports it from here):
+The math is the one `jobs/segment.py` uses to write label maps (platform/data/segmentation.py imports it from here):
 unit-norm last-block tokens after the final norm, each token's mean colour appended with `color_weight`, softmax
 over cosine similarities to the centres / `temperature`, bilinear upsampling to `out_size`, a guided filter on the
 grey image, argmax; masks are the kept clusters of that label map, in kept order (slot i = kept cluster i), brought
@@ -30,8 +30,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .backbone import Backbone, BackboneFeatures
-from .precision import fp32
+from anomalymoe.models.backbone import Backbone, BackboneFeatures
+from anomalymoe.models.precision import fp32
 
 PARTS_FORMAT = "anomalymoe-parts/1"
 
@@ -116,6 +116,15 @@ def slot_masks(labels: Tensor, kept: list[int]) -> Tensor:
         return torch.zeros(*labels.shape[:-2], 0, *labels.shape[-2:], dtype=torch.bool, device=labels.device)
     ids = torch.tensor([j + 1 for j in kept], dtype=labels.dtype, device=labels.device)
     return labels.unsqueeze(-3) == ids.view(-1, 1, 1)
+
+
+def component_masks(labels: Tensor | np.ndarray, kept: list[int], drop_empty: bool = False) -> Tensor:
+    """A stored [S, S] label map (1..k) -> [K, S, S] bool masks, one per kept cluster in kept order (slot_masks):
+    row i is always cluster kept[i] (the model's component slot i), and an empty slot is a missing part."""
+    masks = slot_masks(torch.as_tensor(np.array(labels)), kept)  # a copy: PIL arrays are read-only
+    if drop_empty and masks.numel():
+        masks = masks[masks.flatten(1).any(1)]
+    return masks
 
 
 @dataclass

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .config import LEVELS, RouterConfig
-from .precision import fp32
+from anomalymoe.models.config import LEVELS, RouterConfig
+from anomalymoe.models.precision import fp32
 
 
 @dataclass

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import LEVELS, ScoringConfig
-from .layout import SlotLayout
+from anomalymoe.models.config import LEVELS, ScoringConfig
+from anomalymoe.models.layout import SlotLayout
 
 DEFAULT_KEY = "_default"
 # Softmax temperature over cosine similarities of an image embedding to the category prototypes ("how sure").

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from ..models.artifact import load_artifact, read_metrics
-from . import registry
+from anomalymoe.models.artifact import load_artifact, read_metrics
+from anomalymoe.platform.tracking import registry
 
 COMPARED = ("image_auroc", "pixel_auroc")
 
@@ -130,8 +130,8 @@ def check(domain: str, version: str, data: list[str] | None = None, tol: float =
         rep.gates.append(Gate("not worse than champion", True, "this version is the champion"))
         return rep
     if data:
-        from .data import resolve_data
-        from .evaluation import evaluate
+        from anomalymoe.platform.data.sources import resolve_data
+        from anomalymoe.platform.evaluation.evaluate import evaluate
 
         df, kept = resolve_data(data, domains=[domain])
         test = df[df["split"] == "test"]

@@ -19,8 +19,8 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from .config import OPS_APP, ServeConfig, render
-from .inference import load, resolve
+from anomalymoe.serve.config import OPS_APP, ServeConfig, render
+from anomalymoe.serve.inference import load, resolve
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,8 @@ def _app_doc(args: dict[str, Any], name: str) -> dict[str, Any]:
 
 def domain_app(args: dict[str, Any]) -> Application:
     """``anomalymoe.serve.app:domain_app``: Ingress → Scorer for args["domain"]."""
-    from .ingress import Ingress
-    from .scorer import Scorer
+    from anomalymoe.serve.ingress import Ingress
+    from anomalymoe.serve.scorer import Scorer
 
     doc = _app_doc(args, args["domain"])
     scorer = _versioned(Scorer.options(**_options(doc, "Scorer")), doc).bind(args["domain"], args["config"])
@@ -61,7 +61,7 @@ def domain_app(args: dict[str, Any]) -> Application:
 
 def ops_app(args: dict[str, Any]) -> Application:
     """``anomalymoe.serve.app:ops_app``: health, readiness, metrics and the shared ServeState."""
-    from .ops import Ops, ServeState
+    from anomalymoe.serve.ops import Ops, ServeState
 
     doc = _app_doc(args, OPS_APP)
     state = _versioned(ServeState.options(**_options(doc, "ServeState")), doc).bind()
@@ -88,7 +88,7 @@ def credentials_file(env: dict[str, str] | None = None) -> str | None:
     env = os.environ if env is None else env
     if not env.get("AWS_ACCESS_KEY_ID") or not env.get("AWS_SECRET_ACCESS_KEY"):
         return None
-    from .config import REPO_ROOT
+    from anomalymoe.serve.config import REPO_ROOT
 
     folder = REPO_ROOT / "outputs" / "serve"
     folder.mkdir(parents=True, exist_ok=True)

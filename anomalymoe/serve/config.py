@@ -18,9 +18,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..platform import registry
+from anomalymoe.paths import REPO_ROOT  # noqa: E402
+from anomalymoe.platform.tracking import registry
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 OPS_APP = "ops"
 CONTENT_TYPES = ("image/png", "image/jpeg", "image/bmp", "image/tiff", "image/webp")
 

@@ -31,12 +31,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..models.anomalymoe import AnomalyMoE, Prediction
-from ..models.artifact import load_artifact
-from ..models.config import LEVELS
-from ..models.scoring import DEFAULT_KEY, ScoreNorm
-from ..platform import registry
-from ..platform.pipeline import Frame, Framing, decode_pool, decode_sized, to_tensor
+from anomalymoe.models.artifact import load_artifact
+from anomalymoe.models.config import LEVELS
+from anomalymoe.models.model import AnomalyMoE, Prediction
+from anomalymoe.models.scoring import DEFAULT_KEY, ScoreNorm
+from anomalymoe.platform.data.pipeline import Frame, Framing, decode_pool, decode_sized, to_tensor
+from anomalymoe.platform.tracking import registry
 
 DECODE_THREADS = 4  # decode threads per batch (a replica's CPUs are mostly the model's)
 

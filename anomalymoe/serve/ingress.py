@@ -26,13 +26,13 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 from ray import serve
 
-from . import errors
-from .config import ServeConfig
-from .errors import ApiError
-from .metrics import Metrics
-from .ops import readiness, start_flusher, state_handle
-from .ratelimit import Buckets, retry_after
-from .tenants import StoreUnavailable, Tenant, TenantCache
+from anomalymoe.serve import errors
+from anomalymoe.serve.config import ServeConfig
+from anomalymoe.serve.errors import ApiError
+from anomalymoe.serve.metrics import Metrics
+from anomalymoe.serve.ops import readiness, start_flusher, state_handle
+from anomalymoe.serve.ratelimit import Buckets, retry_after
+from anomalymoe.serve.tenants import StoreUnavailable, Tenant, TenantCache
 
 log = logging.getLogger("ray.serve")
 

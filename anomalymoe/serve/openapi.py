@@ -10,13 +10,13 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from .config import REPO_ROOT
+from anomalymoe.serve.config import REPO_ROOT
 
 DOCUMENT = REPO_ROOT / "docs" / "openapi.json"
 
 
 def openapi_document() -> dict[str, Any]:
-    from . import ingress, ops
+    from anomalymoe.serve import ingress, ops
 
     app = FastAPI(title="AnomalyMoE scoring service", version="1",
                   description="One application per domain at /v1/{domain}; every request to /score needs "

@@ -19,12 +19,12 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from ray import serve
 
-from . import errors
-from .config import OPS_APP, ServeConfig
-from .errors import ApiError
-from .metrics import Metrics
-from .ratelimit import Buckets
-from .tenants import TenantCache
+from anomalymoe.serve import errors
+from anomalymoe.serve.config import OPS_APP, ServeConfig
+from anomalymoe.serve.errors import ApiError
+from anomalymoe.serve.metrics import Metrics
+from anomalymoe.serve.ratelimit import Buckets
+from anomalymoe.serve.tenants import TenantCache
 
 log = logging.getLogger("ray.serve")
 READY_TIMEOUT_S = 3.0

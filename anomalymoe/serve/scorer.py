@@ -23,9 +23,9 @@ from typing import Any
 
 from ray import serve
 
-from .config import ServeConfig
-from .inference import Loaded, device_for, load, score_batch
-from .metrics import Metrics
+from anomalymoe.serve.config import ServeConfig
+from anomalymoe.serve.inference import Loaded, device_for, load, score_batch
+from anomalymoe.serve.metrics import Metrics
 
 log = logging.getLogger("ray.serve")
 
@@ -121,6 +121,6 @@ class Scorer:
 
     def _start_flusher(self) -> None:
         if self._flusher is None:
-            from .ops import start_flusher
+            from anomalymoe.serve.ops import start_flusher
 
             self._flusher = start_flusher(self.metrics, f"scorer-{self.domain}")

@@ -42,8 +42,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ..platform import storage
-from .config import OPS_APP, RateLimit
+from anomalymoe.platform.data import storage
+from anomalymoe.serve.config import OPS_APP, RateLimit
 
 log = logging.getLogger(__name__)
 PREFIX = "amk_"

@@ -9,7 +9,7 @@
 # Artifacts: proxied by the server into --artifacts (S3 keys and endpoint from the AWS_* environment, e.g. after
 # `eval "$(infra/local/s3.sh env)"`), else into the state dir. Settings (env): ANOMALYMOE_LOCAL_STACK (state root,
 # default <repo>/.local-stack; MLflow keeps db/log/pid in its mlflow/ subfolder), ANOMALYMOE_MLFLOW_PORT (5000),
-# ANOMALYMOE_MLFLOW_ARTIFACTS. One implementation: this wraps anomalymoe/platform/local_mlflow.py.
+# ANOMALYMOE_MLFLOW_ARTIFACTS. One implementation: this wraps anomalymoe/platform/cluster/local/mlflow.py.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-run_local anomalymoe.platform.local_mlflow "$@"
+run_local anomalymoe.platform.cluster.local.mlflow "$@"

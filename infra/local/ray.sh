@@ -8,7 +8,7 @@
 #
 # Then: ray job submit --working-dir . -- python jobs/<job>.py ...  Never `ray stop` (it stops every Ray here).
 # Settings (env): ANOMALYMOE_LOCAL_STACK (state root, default <repo>/.local-stack; Ray keeps log/pid in ray/),
-# ANOMALYMOE_RAY_PORT (6379). One implementation: this wraps anomalymoe/platform/local_ray.py.
+# ANOMALYMOE_RAY_PORT (6379). One implementation: this wraps anomalymoe/platform/cluster/local/ray_head.py.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-run_local anomalymoe.platform.local_ray "$@"
+run_local anomalymoe.platform.cluster.local.ray_head "$@"

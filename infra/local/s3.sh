@@ -8,7 +8,7 @@
 #
 # Settings (env): ANOMALYMOE_LOCAL_STACK (state root, default <repo>/.local-stack; S3 keeps data/log/pid in its
 # s3/ subfolder), ANOMALYMOE_S3_PORT (8333), ANOMALYMOE_S3_ACCESS_KEY / ANOMALYMOE_S3_SECRET_KEY, ANOMALYMOE_S3_BUCKET.
-# One implementation: this wraps anomalymoe/platform/local_s3.py, which the tests use too.
+# One implementation: this wraps anomalymoe/platform/cluster/local/s3.py, which the tests use too.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-run_local anomalymoe.platform.local_s3 "$@"
+run_local anomalymoe.platform.cluster.local.s3 "$@"

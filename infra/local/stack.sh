@@ -12,4 +12,4 @@
 # have their own scripts (s3.sh, mlflow.sh, ray.sh); all wrap anomalymoe/platform/local_*.py, as the tests do.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-run_local anomalymoe.platform.local_stack "$@"
+run_local anomalymoe.platform.cluster.local.stack "$@"

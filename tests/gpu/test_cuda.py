@@ -18,11 +18,11 @@ import torch.distributed as dist
 from PIL import Image
 
 from anomalymoe.bench.model import synthetic_batch
-from anomalymoe.models.anomalymoe import AnomalyMoE
 from anomalymoe.models.artifact import load_artifact, save_artifact
 from anomalymoe.models.config import presets
-from anomalymoe.platform.distributed import average_gradients, mean_over_ranks
-from anomalymoe.platform.trainer import TrainConfig, Trainer
+from anomalymoe.models.model import AnomalyMoE
+from anomalymoe.platform.train.distributed import average_gradients, mean_over_ranks
+from anomalymoe.platform.train.trainer import TrainConfig, Trainer
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -111,7 +111,7 @@ def _png(arr: np.ndarray) -> bytes:
 def test_evaluation_artifact_round_trip_and_serving_batch_on_cuda(tmp_path):
     import pandas as pd
 
-    from anomalymoe.platform.evaluation import evaluate
+    from anomalymoe.platform.evaluation.evaluate import evaluate
     from anomalymoe.serve.inference import Loaded, score_batch
 
     rng = np.random.default_rng(0)
@@ -144,7 +144,7 @@ def test_evaluation_artifact_round_trip_and_serving_batch_on_cuda(tmp_path):
     torch.testing.assert_close(loaded.predict(images.to(CUDA), None, ["d/c"] * 6).score,
                                model.predict(images.to(CUDA), None, ["d/c"] * 6).score)
 
-    from anomalymoe.platform.pipeline import Framing
+    from anomalymoe.platform.data.pipeline import Framing
 
     items = [{"data": _png(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)), "category": "c", "map": i == 0,
               "enqueued": time.time()} for i in range(4)]

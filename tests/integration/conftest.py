@@ -27,7 +27,7 @@ _S3_ENV_CLEAR = ("AWS_ENDPOINT_URL_S3", "ANOMALYMOE_S3_ENDPOINT", "AWS_PROFILE",
 class S3Fixture:
     """What a test needs of the session's S3 server."""
 
-    server: Any  # anomalymoe.platform.local_s3.SeaweedS3
+    server: Any  # anomalymoe.platform.cluster.local.s3.SeaweedS3
     bucket: str
 
     @property
@@ -43,7 +43,7 @@ class S3Fixture:
         return self.server.client()
 
     def uri(self, *parts: str) -> str:
-        from anomalymoe.platform.storage import join
+        from anomalymoe.platform.data.storage import join
 
         return join(f"s3://{self.bucket}", *parts)
 
@@ -56,7 +56,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Fixture]:
     The AWS env vars point at it during every test that uses this fixture (directly or through another
     fixture), see ``_s3_env``; session-scoped fixtures that start subprocesses should pass ``s3.env()``.
     """
-    from anomalymoe.platform.local_s3 import LocalS3Error, SeaweedS3, weed_binary
+    from anomalymoe.platform.cluster.local.s3 import LocalS3Error, SeaweedS3, weed_binary
 
     try:
         weed_binary()
@@ -98,7 +98,7 @@ MLFLOW_ARTIFACT_BUCKET = "mlflow-test"
 @pytest.fixture(scope="session")
 def mlflow_server(s3: S3Fixture, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A real MLflow server (sqlite backend, artifacts proxied into SeaweedFS) for the session."""
-    from anomalymoe.platform.local_mlflow import LocalMLflow
+    from anomalymoe.platform.cluster.local.mlflow import LocalMLflow
 
     s3.server.create_bucket(MLFLOW_ARTIFACT_BUCKET)
     server = LocalMLflow(tmp_path_factory.mktemp("mlflow"), artifacts=f"s3://{MLFLOW_ARTIFACT_BUCKET}/artifacts",
@@ -121,7 +121,7 @@ def mlflow_uri(mlflow_server: Any, monkeypatch: pytest.MonkeyPatch) -> str:
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A local `ray start --head` (2 CPUs, auth disabled) for the session; stopped with all its processes."""
-    from anomalymoe.platform.local_ray import LocalRay
+    from anomalymoe.platform.cluster.local.ray_head import LocalRay
 
     head = LocalRay(tmp_path_factory.mktemp("ray-head"), num_cpus=2, tie_to_parent=True)
     try:

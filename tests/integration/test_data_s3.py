@@ -11,16 +11,15 @@ import pandas as pd
 import pytest
 import torch
 
-from anomalymoe.models.anomalymoe import AnomalyMoE
 from anomalymoe.models.backbone import Backbone
 from anomalymoe.models.config import presets
-from anomalymoe.platform import storage
-from anomalymoe.platform.data import resolve_data
-from anomalymoe.platform.demo_data import generate_textures
-from anomalymoe.platform.evaluation import evaluate
-from anomalymoe.platform.manifest import validate_manifest
-from anomalymoe.platform.pipeline import load_rows
-from anomalymoe.platform.segmentation import SegmentParams, label_map_uri, load_kept, segment_manifest
+from anomalymoe.models.model import AnomalyMoE
+from anomalymoe.platform.data.demo.textures import generate_textures
+from anomalymoe.platform.data.manifest import validate_manifest
+from anomalymoe.platform.data.pipeline import load_rows
+from anomalymoe.platform.data.segmentation import SegmentParams, label_map_uri, load_kept, segment_manifest
+from anomalymoe.platform.data.sources import resolve_data, storage
+from anomalymoe.platform.evaluation.evaluate import evaluate
 
 pytestmark = pytest.mark.integration
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from anomalymoe.models.anomalymoe import AnomalyMoE
 from anomalymoe.models.artifact import save_artifact
 from anomalymoe.models.config import presets
-from anomalymoe.platform.demo_data import generate_textures
-from anomalymoe.platform.manifest import build_manifest_from_mvtec, write_manifest
+from anomalymoe.models.model import AnomalyMoE
+from anomalymoe.platform.data.demo.textures import generate_textures
+from anomalymoe.platform.data.manifest import build_manifest_from_mvtec, write_manifest
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

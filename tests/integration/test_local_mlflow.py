@@ -6,8 +6,8 @@ import urllib.request
 
 import pytest
 
-from anomalymoe.platform.local_mlflow import LocalMLflow
-from anomalymoe.platform.local_proc import LocalServerError, pids_matching
+from anomalymoe.platform.cluster.local.mlflow import LocalMLflow
+from anomalymoe.platform.cluster.local.proc import LocalServerError, pids_matching
 
 pytestmark = pytest.mark.integration
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from anomalymoe.platform.local_proc import pids_matching
-from anomalymoe.platform.local_ray import LocalRay
+from anomalymoe.platform.cluster.local.proc import pids_matching
+from anomalymoe.platform.cluster.local.ray_head import LocalRay
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +43,7 @@ def test_script_start_status_env_stop(tmp_path):
     import os
     import subprocess
 
-    from anomalymoe.platform.local_proc import free_port
+    from anomalymoe.platform.cluster.local.proc import free_port
 
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "ANOMALYMOE_LOCAL_STACK": str(tmp_path / "stack"), "ANOMALYMOE_RAY_PORT": str(free_port())}

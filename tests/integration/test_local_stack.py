@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from anomalymoe.platform.local_proc import cmdline, free_port, pids_matching
+from anomalymoe.platform.cluster.local.proc import cmdline, free_port, pids_matching
 
 pytestmark = pytest.mark.integration
 SCRIPT = Path(__file__).resolve().parents[2] / "infra" / "local" / "stack.sh"
@@ -26,8 +26,8 @@ def _run(env: dict[str, str], *args: str, check: bool = True) -> subprocess.Comp
 
 
 def test_stack_start_twice_env_and_clean_stop(tmp_path):
-    from anomalymoe.platform.local_ray import LocalRay
-    from anomalymoe.platform.local_stack import LocalStack
+    from anomalymoe.platform.cluster.local.ray_head import LocalRay
+    from anomalymoe.platform.cluster.local.stack import LocalStack
 
     root = tmp_path / "stack"
     taken: set[int] = set()

@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from anomalymoe.platform import registry, storage
+from anomalymoe.platform.data import storage
+from anomalymoe.platform.tracking import registry
 
 pytestmark = pytest.mark.integration
 

@@ -41,8 +41,8 @@ def _register(model, df, out: Path, manifest: str = "serve-test") -> str:
     import mlflow
 
     from anomalymoe.models.artifact import save_artifact
-    from anomalymoe.platform import registry
-    from anomalymoe.platform.evaluation import evaluate
+    from anomalymoe.platform.evaluation.evaluate import evaluate
+    from anomalymoe.platform.tracking import registry
 
     report = evaluate(model, df[df["split"] == "test"], progress=False)
     art = save_artifact(model, out, metrics=report)
@@ -82,15 +82,15 @@ def service(ray_head, mlflow_server, s3, tmp_path_factory):
     import torch
     from ray import serve
 
-    from anomalymoe.models.anomalymoe import AnomalyMoE
     from anomalymoe.models.config import presets
+    from anomalymoe.models.model import AnomalyMoE
     from anomalymoe.models.parts import Parts
-    from anomalymoe.platform import registry
-    from anomalymoe.platform.data import resolve_data
-    from anomalymoe.platform.demo_objects import generate_objects
-    from anomalymoe.platform.local_proc import free_port
-    from anomalymoe.platform.pipeline import load_rows, row_keys
-    from anomalymoe.platform.segmentation import SegmentParams, fit_parts, part_params
+    from anomalymoe.platform.cluster.local.proc import free_port
+    from anomalymoe.platform.data.demo.objects import generate_objects
+    from anomalymoe.platform.data.pipeline import load_rows, row_keys
+    from anomalymoe.platform.data.segmentation import SegmentParams, fit_parts, part_params
+    from anomalymoe.platform.data.sources import resolve_data
+    from anomalymoe.platform.tracking import registry
     from anomalymoe.serve import app
     from anomalymoe.serve.config import Autoscaling, DomainConfig, Limits, RateLimit, ServeConfig
     from anomalymoe.serve.tenants import TenantStore
@@ -475,7 +475,7 @@ def test_a_failed_push_leaves_the_previous_version_serving(service, tmp_path):
     pins again and fails with the reason. The domain answers 200 with the previous version throughout."""
     import mlflow
 
-    from anomalymoe.platform import registry
+    from anomalymoe.platform.tracking import registry
     from anomalymoe.serve import app
 
     s = service

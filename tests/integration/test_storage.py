@@ -1,4 +1,4 @@
-"""`anomalymoe.platform.storage` against a real S3 server (SeaweedFS): what moto cannot prove — enforced
+"""`anomalymoe.platform.data.storage` against a real S3 server (SeaweedFS): what moto cannot prove — enforced
 credentials, real multipart ETags, the server's 1000-key page limit, real connection failures."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from anomalymoe.platform import storage
-from anomalymoe.platform.local_s3 import LocalS3Error, SeaweedS3
+from anomalymoe.platform.cluster.local.s3 import LocalS3Error, SeaweedS3
+from anomalymoe.platform.data import storage
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from anomalymoe.platform.local_proc import cmdline, pids_matching
+from anomalymoe.platform.cluster.local.proc import cmdline, pids_matching
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +29,7 @@ STEPS, EVERY = 24, 6
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
-    from anomalymoe.platform.demo_data import generate_textures
+    from anomalymoe.platform.data.demo.textures import generate_textures
 
     root = tmp_path_factory.mktemp("train-data")
     generate_textures(root / "textures", n_train=12, n_test_good=3, n_test_defect_per_type=1, image_size=64,
@@ -98,7 +98,7 @@ def test_submitted_job_tracks_checkpoints_and_registers(ray_head, mlflow_uri, s3
     from mlflow import MlflowClient
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from anomalymoe.platform import storage
+    from anomalymoe.platform.data import storage
 
     out = tmp_path / "out"
     client = JobSubmissionClient(ray_head.dashboard)
@@ -144,7 +144,7 @@ def test_submitted_job_tracks_checkpoints_and_registers(ray_head, mlflow_uri, s3
     assert v.tags["config_hash"] == run.data.tags["config_hash"] and v.tags["run_name"] == "submitted"
     assert float(v.tags["test_image_auroc"]) == pytest.approx(run.data.metrics["test_image_auroc"], abs=1e-6)
     # the registered artifact is the model the job wrote
-    from anomalymoe.platform.registry import download
+    from anomalymoe.platform.tracking.registry import download
 
     got = download("models:/anomalymoe-textures@challenger", tmp_path / "dl")
     assert (got / "model.safetensors").read_bytes() == (out / "model" / "model.safetensors").read_bytes()
@@ -243,7 +243,7 @@ def test_image_level_labels_train_evaluate_and_promote(ray_head, tiny_data, tmp_
     import requests
     from ray import serve
 
-    from anomalymoe.platform.local_proc import free_port
+    from anomalymoe.platform.cluster.local.proc import free_port
     from anomalymoe.serve.app import deploy, wait_ready
     from anomalymoe.serve.config import DomainConfig, ServeConfig
     from anomalymoe.serve.tenants import TenantStore
@@ -334,7 +334,7 @@ def test_wide_images_keep_their_shape_through_training_evaluation_and_the_servic
     import requests
     from ray import serve
 
-    from anomalymoe.platform.local_proc import free_port
+    from anomalymoe.platform.cluster.local.proc import free_port
     from anomalymoe.serve.app import deploy, wait_ready
     from anomalymoe.serve.config import DomainConfig, ServeConfig
     from anomalymoe.serve.tenants import TenantStore
@@ -459,8 +459,8 @@ def test_tune_runs_trials_stops_some_early_and_registers_the_best(ray_head, tiny
 
 def _restart_mlflow(state: Path, port: int):
     """The same server (database, artifacts, port) again; the killed one's port may linger a moment."""
-    from anomalymoe.platform.local_mlflow import LocalMLflow
-    from anomalymoe.platform.local_proc import LocalServerError
+    from anomalymoe.platform.cluster.local.mlflow import LocalMLflow
+    from anomalymoe.platform.cluster.local.proc import LocalServerError
 
     deadline = time.monotonic() + 60
     while True:
@@ -494,7 +494,7 @@ def test_mlflow_killed_during_training(ray_head, tiny_data, tmp_path):
     lost and how to finish, and the model is on disk."""
     from mlflow import MlflowClient
 
-    from anomalymoe.platform.local_mlflow import LocalMLflow
+    from anomalymoe.platform.cluster.local.mlflow import LocalMLflow
 
     server = LocalMLflow(tmp_path / "mlflow", tie_to_parent=True).start()
     port, steps = server.port, 30

@@ -4,14 +4,14 @@ normal images detects and localises their defects (a few minutes on 2 cores)."""
 import pytest
 import torch
 
-from anomalymoe.models.anomalymoe import AnomalyMoE
 from anomalymoe.models.artifact import load_artifact, save_artifact
 from anomalymoe.models.config import presets
-from anomalymoe.platform.data import resolve_data
-from anomalymoe.platform.demo_data import generate_textures
-from anomalymoe.platform.evaluation import evaluate
-from anomalymoe.platform.pipeline import load_rows
-from anomalymoe.platform.trainer import TrainConfig, seed_everything, train_and_calibrate
+from anomalymoe.models.model import AnomalyMoE
+from anomalymoe.platform.data.demo.textures import generate_textures
+from anomalymoe.platform.data.pipeline import load_rows
+from anomalymoe.platform.data.sources import resolve_data
+from anomalymoe.platform.evaluation.evaluate import evaluate
+from anomalymoe.platform.train.trainer import TrainConfig, seed_everything, train_and_calibrate
 
 pytestmark = pytest.mark.learning
 

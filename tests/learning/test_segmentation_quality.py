@@ -9,9 +9,9 @@ from PIL import Image
 
 from anomalymoe.models.backbone import Backbone
 from anomalymoe.models.config import BackboneConfig
-from anomalymoe.platform.data import resolve_data
-from anomalymoe.platform.demo_objects import generate_objects, load_parts
-from anomalymoe.platform.segmentation import SegmentParams, best_match_iou, label_map_uri, segment_manifest
+from anomalymoe.platform.data.demo.objects import generate_objects, load_parts
+from anomalymoe.platform.data.segmentation import SegmentParams, best_match_iou, label_map_uri, segment_manifest
+from anomalymoe.platform.data.sources import resolve_data
 
 pytestmark = pytest.mark.learning
 
@@ -49,10 +49,10 @@ def test_model_derives_the_label_maps_and_infers_the_category(segmented):
     component) is assigned its own category."""
     import torch
 
-    from anomalymoe.models.anomalymoe import AnomalyMoE
     from anomalymoe.models.config import presets
-    from anomalymoe.platform.pipeline import Frame, load_rows, row_keys
-    from anomalymoe.platform.segmentation import fit_parts, prepare_parts
+    from anomalymoe.models.model import AnomalyMoE
+    from anomalymoe.platform.data.pipeline import Frame, load_rows, row_keys
+    from anomalymoe.platform.data.segmentation import fit_parts, prepare_parts
 
     root, df, kept, backbone = segmented
     params = SegmentParams(k=6)
@@ -83,10 +83,10 @@ def test_category_inference_names_every_demo_test_image(segmented, tmp_path):
     import pandas as pd
     import torch
 
-    from anomalymoe.models.anomalymoe import AnomalyMoE
     from anomalymoe.models.config import presets
-    from anomalymoe.platform.demo_data import generate_textures
-    from anomalymoe.platform.pipeline import Frame, load_rows, row_keys
+    from anomalymoe.models.model import AnomalyMoE
+    from anomalymoe.platform.data.demo.textures import generate_textures
+    from anomalymoe.platform.data.pipeline import Frame, load_rows, row_keys
 
     _, objects, _, backbone = segmented
     generate_textures(tmp_path / "textures", n_train=8, n_test_good=2, n_test_defect_per_type=2, seed=0)

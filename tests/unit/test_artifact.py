@@ -12,10 +12,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from anomalymoe.models.anomalymoe import AnomalyMoE
 from anomalymoe.models.artifact import FORMAT, ArtifactError, load_artifact, read_metrics, save_artifact
 from anomalymoe.models.backbone import Backbone, tensors_sha256
 from anomalymoe.models.config import ModelConfig, presets
+from anomalymoe.models.model import AnomalyMoE
 from anomalymoe.models.scoring import Calibration
 
 pytestmark = pytest.mark.unit
@@ -279,7 +279,7 @@ def test_input_config_travels_with_the_artifact_and_hashes_as_before_when_unset(
     from pydantic import ValidationError
 
     from anomalymoe.models.config import CategoryInput, InputConfig, dict_hash, presets
-    from anomalymoe.platform.pipeline import Frame, Framing
+    from anomalymoe.platform.data.pipeline import Frame, Framing
 
     base = presets()["test-tiny"]
     assert "input" not in base.to_dict()

@@ -9,15 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from anomalymoe.models.anomalymoe import AnomalyMoE
 from anomalymoe.models.config import RouterConfig
-from anomalymoe.platform.checkpoint import (
+from anomalymoe.models.model import AnomalyMoE
+from anomalymoe.platform.train.checkpoint import (
     CheckpointError,
     load_training_state,
     read_meta,
     save_training_state,
 )
-from anomalymoe.platform.trainer import TrainConfig, Trainer, seed_everything
+from anomalymoe.platform.train.trainer import TrainConfig, Trainer, seed_everything
 
 pytestmark = pytest.mark.unit
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomalymoe.platform import demo_data as dd
+from anomalymoe.platform.data.demo import textures as dd
 
 pytestmark = pytest.mark.unit
 
@@ -239,7 +239,7 @@ def test_cli_generates_and_prints_summary(tmp_path: Path) -> None:
     repo_root = Path(dd.__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo_root), os.environ.get("PYTHONPATH", "")])}
     args = "--seed 5 --image-size 64 --n-train 2 --n-test-good 1 --n-test-defect-per-type 1".split()
-    cmd = [sys.executable, "-m", "anomalymoe.platform.demo_data", "--out", str(tmp_path / "cli"), *args]
+    cmd = [sys.executable, "-m", "anomalymoe.platform.data.demo.textures", "--out", str(tmp_path / "cli"), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)

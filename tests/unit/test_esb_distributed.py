@@ -54,7 +54,7 @@ def test_esb_statistics_are_global_across_ranks():
 
 
 def _grad_worker(rank: int, world: int, port: int, out) -> None:
-    from anomalymoe.platform.distributed import average_gradients, mean_over_ranks
+    from anomalymoe.platform.train.distributed import average_gradients, mean_over_ranks
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -86,10 +86,10 @@ def test_gradients_are_averaged_for_sparse_experts():
 def _step_worker(rank: int, world: int, port: int, out) -> None:
     import dataclasses
 
-    from anomalymoe.models.anomalymoe import AnomalyMoE
     from anomalymoe.models.config import presets
-    from anomalymoe.platform.distributed import average_gradients
-    from anomalymoe.platform.trainer import TrainConfig, Trainer
+    from anomalymoe.models.model import AnomalyMoE
+    from anomalymoe.platform.train.distributed import average_gradients
+    from anomalymoe.platform.train.trainer import TrainConfig, Trainer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -1,5 +1,5 @@
-"""`anomalymoe.platform.evaluation` on the tiny random model and a small textures + objects test set: the report's
-shape, reproducibility from a saved artifact, the files a person looks at, and that nothing is fitted."""
+"""`anomalymoe.platform.evaluation.evaluate` on the tiny random model and a small textures + objects test set: the
+report's shape, reproducibility from a saved artifact, the files a person looks at, and that nothing is fitted."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ import pytest
 import torch
 from PIL import Image
 
-from anomalymoe.models.anomalymoe import AnomalyMoE
 from anomalymoe.models.artifact import load_artifact, save_artifact
 from anomalymoe.models.backbone import Backbone
-from anomalymoe.platform.data import resolve_data
-from anomalymoe.platform.demo_data import generate_textures
-from anomalymoe.platform.demo_objects import DEFECT_GROUPS, generate_objects
-from anomalymoe.platform.evaluation import METRIC_KEYS, _json_safe, evaluate, metrics_table, write_report
-from anomalymoe.platform.pipeline import load_rows
-from anomalymoe.platform.segmentation import SegmentParams, segment_manifest
+from anomalymoe.models.model import AnomalyMoE
+from anomalymoe.platform.data.demo.objects import DEFECT_GROUPS, generate_objects
+from anomalymoe.platform.data.demo.textures import generate_textures
+from anomalymoe.platform.data.pipeline import load_rows
+from anomalymoe.platform.data.segmentation import SegmentParams, segment_manifest
+from anomalymoe.platform.data.sources import resolve_data
+from anomalymoe.platform.evaluation.evaluate import METRIC_KEYS, _json_safe, evaluate, metrics_table, write_report
 
 pytestmark = pytest.mark.unit
 
@@ -197,8 +197,8 @@ def test_metrics_table_and_write_report(tmp_path):
 def test_ground_truth_goes_through_the_models_crop(tmp_path):
     """With a resize + centre crop, a defect wholly in the cropped-off border is not in the ground truth (the
     model never saw those pixels), and one at the centre stays where the image's centre goes."""
-    from anomalymoe.platform.evaluation import _gt_masks
-    from anomalymoe.platform.pipeline import Frame
+    from anomalymoe.platform.data.pipeline import Frame
+    from anomalymoe.platform.evaluation.evaluate import _gt_masks
 
     m = torch.zeros(64, 64, dtype=torch.uint8)
     m[:4, :] = 255  # border band: resize 64 -> 32 makes it 2 px, the crop to 28 removes 2 px per side

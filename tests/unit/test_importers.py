@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from anomalymoe.platform import importers as imp
-from anomalymoe.platform import storage
-from anomalymoe.platform.catalog import load_catalog
-from anomalymoe.platform.importers import DatasetImportError, run_importer
-from anomalymoe.platform.manifest import (
+from anomalymoe.platform.data import importers as imp
+from anomalymoe.platform.data import storage
+from anomalymoe.platform.data.catalog import load_catalog
+from anomalymoe.platform.data.importers import DatasetImportError, run_importer
+from anomalymoe.platform.data.manifest import (
     build_manifest_from_mvtec,
     read_manifest,
     validate_manifest,

@@ -56,10 +56,10 @@ def test_benchmark_model_runs_the_gpu_command_shape_on_a_cpu():
 
 
 def test_evaluate_refuses_broken_data_with_one_report(tmp_path):
-    from anomalymoe.models.anomalymoe import AnomalyMoE
     from anomalymoe.models.artifact import save_artifact
     from anomalymoe.models.config import presets
-    from anomalymoe.platform.demo_data import generate_textures
+    from anomalymoe.models.model import AnomalyMoE
+    from anomalymoe.platform.data.demo.textures import generate_textures
 
     root = tmp_path / "textures"
     generate_textures(root, n_train=3, n_test_good=2, n_test_defect_per_type=1, image_size=64, categories=("brick",))
@@ -142,8 +142,8 @@ def test_train_flags_and_config_file(tmp_path):
 def test_no_config_is_todays_cpu_demo():
     """`python jobs/train.py` with no flags trains exactly what it trained before configs/ existed."""
     from anomalymoe.models.config import presets
-    from anomalymoe.platform.ray_training import JobSpec
-    from anomalymoe.platform.trainer import TrainConfig
+    from anomalymoe.platform.train.job import JobSpec
+    from anomalymoe.platform.train.trainer import TrainConfig
 
     today = JobSpec(model=presets()["cpu-small"], train=TrainConfig(steps=60, batch_size=8, lr=2e-3, warmup_steps=6))
     assert _train_spec() == today
@@ -173,8 +173,8 @@ def test_reference_config_is_the_reference_recipe(tmp_path):
 
 
 def test_flags_beat_the_config_and_the_config_beats_job_defaults(tmp_path):
-    from anomalymoe.platform.ray_training import JobSpec
-    from anomalymoe.platform.trainer import TrainConfig
+    from anomalymoe.platform.train.job import JobSpec
+    from anomalymoe.platform.train.trainer import TrainConfig
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("preset: test-tiny\ntrain: {steps: 40, lr: 0.01, warmup_steps: 2, seed: 3}\n"
@@ -196,7 +196,7 @@ def test_flags_beat_the_config_and_the_config_beats_job_defaults(tmp_path):
 
 
 def test_warmup_rules(tmp_path):
-    from anomalymoe.platform import job_config
+    from anomalymoe.platform.train import config as job_config
 
     def warmup(text: str, **flags) -> int:
         cfg = tmp_path / "w.yaml"
@@ -218,7 +218,7 @@ def test_warmup_rules(tmp_path):
 
 
 def test_random_backbone_weights_only_by_name(tmp_path):
-    from anomalymoe.platform import job_config
+    from anomalymoe.platform.train import config as job_config
 
     cfg = tmp_path / "ref.yaml"
     cfg.write_text("preset: reference\n")  # the reference preset carries no weights
@@ -246,8 +246,8 @@ def test_random_backbone_weights_only_by_name(tmp_path):
 def test_every_shipped_config_is_a_complete_valid_job(path):
     import yaml
 
-    from anomalymoe.platform import job_config
-    from anomalymoe.platform.ray_training import JobSpec
+    from anomalymoe.platform.train import config as job_config
+    from anomalymoe.platform.train.job import JobSpec
 
     raw = yaml.safe_load(path.read_text())
     assert {"preset", "train", "job"} <= set(raw) <= {"preset", "model", "train", "job"}  # model: overrides, if any
@@ -305,7 +305,7 @@ def test_train_rejects_bad_config_with_one_line(tmp_path, text, message):
 
 
 def test_missing_config_is_named(tmp_path):
-    from anomalymoe.platform import job_config
+    from anomalymoe.platform.train import config as job_config
 
     with pytest.raises(job_config.ConfigError, match="does not exist"):
         job_config.build_spec(tmp_path / "nope.yaml")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from anomalymoe.platform import kuberay
+from anomalymoe.deploy import kuberay
 from anomalymoe.serve.config import REPO_ROOT, load_config, render
 
 pytestmark = pytest.mark.unit
@@ -55,7 +55,7 @@ def test_checked_in_manifests_are_current(rendered):
     _, _, manifests = rendered
     for name, m in manifests.items():
         assert (K8S / name).read_text() == kuberay.dump(m), \
-            f"infra/k8s/{name} is stale: python -m anomalymoe.platform.kuberay"
+            f"infra/k8s/{name} is stale: python -m anomalymoe.deploy.kuberay"
     assert {p.name for p in K8S.glob("*.yaml")} == {*manifests, "cluster.yaml"}  # no orphaned manifest
 
 

@@ -1,5 +1,5 @@
-"""The layouts people have (platform/layouts.py): a flat folder and a CSV/Parquet list give the same manifest as the
-equivalent MVTec tree, through the same --data (platform/data.resolve_data)."""
+"""The layouts people have (platform/data/layouts.py): a flat folder and a CSV/Parquet list give the same manifest as
+the equivalent MVTec tree, through the same --data (platform/data/sources.resolve_data)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from anomalymoe.platform.data import resolve_data
-from anomalymoe.platform.layouts import build_manifest_from_flat, build_manifest_from_list, split_good
-from anomalymoe.platform.manifest import ManifestError, build_manifest_from_mvtec, validate_manifest
+from anomalymoe.platform.data.layouts import build_manifest_from_flat, build_manifest_from_list, split_good
+from anomalymoe.platform.data.manifest import ManifestError, build_manifest_from_mvtec, validate_manifest
+from anomalymoe.platform.data.sources import resolve_data
 
 COMPARED = ["category", "split", "label", "defect", "defect_group", "has_mask"]
 

@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from anomalymoe.platform import manifest as mf
-from anomalymoe.platform.catalog import Catalog, CatalogError, demo_catalog, load_catalog, save_catalog
-from anomalymoe.platform.manifest import (
+from anomalymoe.platform.data import manifest as mf
+from anomalymoe.platform.data.catalog import Catalog, CatalogError, demo_catalog, load_catalog, save_catalog
+from anomalymoe.platform.data.manifest import (
     MANIFEST_COLUMNS,
     ManifestError,
     build_manifest_from_mvtec,
@@ -37,7 +37,7 @@ CATS = ("brick", "grass")
 
 @pytest.fixture(scope="module")
 def textures(tmp_path_factory) -> Path:
-    from anomalymoe.platform.demo_data import generate_textures
+    from anomalymoe.platform.data.demo.textures import generate_textures
 
     root = tmp_path_factory.mktemp("demo") / "textures"
     generate_textures(root, image_size=64, n_train=N_TRAIN, n_test_good=N_GOOD,
@@ -89,7 +89,7 @@ def _write(path: Path, data: bytes) -> str:
 
 def test_build_from_generated_mvtec_tree(textures, textures_df):
     df = textures_df
-    from anomalymoe.platform.demo_data import DEFECT_TYPES
+    from anomalymoe.platform.data.demo.textures import DEFECT_TYPES
 
     assert tuple(df.columns) == MANIFEST_COLUMNS
     per_cat = N_TRAIN + N_GOOD + N_PER_DEFECT * len(DEFECT_TYPES)
@@ -113,7 +113,7 @@ def test_build_from_generated_mvtec_tree(textures, textures_df):
     assert df.uri.map(lambda u: Path(u).is_absolute()).all()
     assert df.width.isna().all() and df.defect_group.isna().all() and df.component_mask_uri.isna().all()
     # the walk agrees with the generator's own reader
-    from anomalymoe.platform.demo_data import iter_samples
+    from anomalymoe.platform.data.demo.textures import iter_samples
 
     want = {str(p) for cat in df.category.unique() for split in ("train", "test")
             for p, *_ in iter_samples(textures, cat, split)}
@@ -337,7 +337,7 @@ def test_ensure_valid_raises_or_skips(broken, caplog):
         assert f"row {r}: {df.uri[r]}" in msg
     assert "empty_category" in msg
 
-    with caplog.at_level(logging.WARNING, logger="anomalymoe.platform.manifest"):
+    with caplog.at_level(logging.WARNING, logger="anomalymoe.platform.data.manifest"):
         good = ensure_valid(df, skip_bad_rows=True)
     assert "dropped" in caplog.text
     keep = {u["ok"], u["ok2"], u["test_good"], u["good_mask"], u["c_train"], u["c_test"]}
@@ -420,23 +420,30 @@ def test_component_mask_uris_are_checked(tmp_path, textures_df):
 
 
 def test_cli_build_and_validate(tmp_path, textures, capsys):
+    """jobs/manifest.py: build and validate from the command line (exit codes 0 / 1 / 2)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("manifest_job", Path(__file__).resolve().parents[2] / "jobs"
+                                                  / "manifest.py")
+    manifest_job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(manifest_job)
     out = tmp_path / "m.parquet"
-    assert mf.main(["build", "--root", str(textures), "--domain", "textures", "--dataset", "demo_textures",
+    assert manifest_job.main(["build", "--root", str(textures), "--domain", "textures", "--dataset", "demo_textures",
                     "--out", str(out), "--validate"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     df = read_manifest(str(out))
     assert printed["rows"] == len(df) and printed["hash"] == manifest_hash(df)
     assert df.width.notna().all()  # --validate stores the sizes
-    assert mf.main(["validate", "--manifest", str(out)]) == 0
+    assert manifest_job.main(["validate", "--manifest", str(out)]) == 0
     assert "manifest OK" in capsys.readouterr().out
 
     df.loc[0, "uri"] = str(tmp_path / "gone.png")
     df.loc[1, "split"] = "nope"
     write_manifest(df, str(out))
-    assert mf.main(["validate", "--manifest", str(out)]) == 1
+    assert manifest_job.main(["validate", "--manifest", str(out)]) == 1
     text = capsys.readouterr().out
     assert "missing_image (1)" in text and "bad_split (1)" in text and "row 0:" in text and "row 1:" in text
-    assert mf.main(["validate", "--manifest", str(tmp_path / "absent.parquet")]) == 2
+    assert manifest_job.main(["validate", "--manifest", str(tmp_path / "absent.parquet")]) == 2
 
 
 # ----------------------------------------------------------------------------- catalog
@@ -528,8 +535,8 @@ def test_bad_catalogs_are_refused_clearly(tmp_path, text, match):
 def test_demo_catalog(tmp_path, textures):
     import shutil
 
-    from anomalymoe.platform.demo_objects import CATEGORIES as OBJ_CATS
-    from anomalymoe.platform.demo_objects import DEFECT_GROUPS, generate_objects
+    from anomalymoe.platform.data.demo.objects import CATEGORIES as OBJ_CATS
+    from anomalymoe.platform.data.demo.objects import DEFECT_GROUPS, generate_objects
 
     root = tmp_path / "demo"
     shutil.copytree(textures, root / "textures")
@@ -554,8 +561,8 @@ def test_demo_catalog(tmp_path, textures):
 
 def test_required_splits_allow_a_test_only_manifest(tmp_path):
     """Evaluating needs only test rows; training needs train and test: the empty-category check follows."""
-    from anomalymoe.platform.demo_data import generate_textures
-    from anomalymoe.platform.manifest import build_manifest_from_mvtec, validate_manifest
+    from anomalymoe.platform.data.demo.textures import generate_textures
+    from anomalymoe.platform.data.manifest import build_manifest_from_mvtec, validate_manifest
 
     root = tmp_path / "t"
     generate_textures(root, n_train=2, n_test_good=1, n_test_defect_per_type=1, image_size=64, categories=("brick",))

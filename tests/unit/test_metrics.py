@@ -1,4 +1,4 @@
-"""Tests for anomalymoe.platform.metrics: sklearn agreement, hand-worked AUPRO/F1 cases, a brute-force
+"""Tests for anomalymoe.platform.evaluation.metrics: sklearn agreement, hand-worked AUPRO/F1 cases, a brute-force
 AUPRO reference, streaming/merge equivalence, bounded memory and degenerate inputs."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from anomalymoe.platform.metrics import (
+from anomalymoe.platform.evaluation.metrics import (
     AnomalyMetrics,
     aupro,
     auroc,

@@ -6,13 +6,13 @@ import statistics
 import pytest
 import torch
 
-from anomalymoe.models.anomalymoe import AnomalyMoE
 from anomalymoe.models.config import LEVELS, ModelConfig, RouterConfig
 from anomalymoe.models.experts.component import component_features
 from anomalymoe.models.experts.global_expert import GlobalExpert
 from anomalymoe.models.experts.patch import LinearAttention, PatchExpert
 from anomalymoe.models.losses import CLUBEstimator, esb_loss, hard_mining_cosine
-from anomalymoe.platform.trainer import TrainConfig, Trainer
+from anomalymoe.models.model import AnomalyMoE
+from anomalymoe.platform.train.trainer import TrainConfig, Trainer
 
 pytestmark = pytest.mark.unit
 
@@ -299,7 +299,7 @@ def _slot_masks(n: int, size: int = 56, empty_second: bool = False) -> list[torc
 def test_missing_part_scores_high_over_the_whole_image(tiny_cfg):
     """An empty slot is a missing part: it is never fed to an expert, scores MISSING_PART_SCORE, and since the
     absence has no pixels its score covers the whole component map (a present part only covers its mask)."""
-    from anomalymoe.models.anomalymoe import MISSING_PART_SCORE
+    from anomalymoe.models.model import MISSING_PART_SCORE
 
     m = _slot_model(tiny_cfg)
     images = torch.rand(2, 3, 56, 56, generator=torch.Generator().manual_seed(0))
@@ -413,7 +413,7 @@ def test_component_init_choice_changes_nothing_else(tiny_cfg):
 def test_fit_within_a_time_budget_sets_the_run_length_after_its_probe(tiny_cfg):
     """fit(budget_s=): the probe steps measure the rate, then the run (and its schedule) is cut to what fits; a
     budget too small for more gives probe + 1 steps."""
-    from anomalymoe.platform.trainer import fit
+    from anomalymoe.platform.train.trainer import fit
 
     torch.manual_seed(0)
     model = AnomalyMoE(tiny_cfg)

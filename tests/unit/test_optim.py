@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from anomalymoe.platform.optim import StableAdamW
+from anomalymoe.platform.train.optim import StableAdamW
 
 pytestmark = pytest.mark.unit
 

@@ -13,12 +13,12 @@ import torch
 from PIL import Image
 
 from anomalymoe.models import layout
-from anomalymoe.models.anomalymoe import AnomalyMoE
 from anomalymoe.models.artifact import load_artifact, save_artifact
 from anomalymoe.models.config import LEVELS, ScoringConfig, presets
+from anomalymoe.models.model import AnomalyMoE
 from anomalymoe.models.parts import CategoryParts, PartParams, Parts, bank_scores, resize_labels, slot_masks
 from anomalymoe.models.scoring import Calibration, LevelNorm, fit_level_weights
-from anomalymoe.platform.validation import logical_defects, synthetic_defects
+from anomalymoe.platform.train.validation import logical_defects, synthetic_defects
 
 
 @pytest.mark.parametrize("src,dst", [(256, 224), (256, 56), (448, 392), (300, 255), (224, 392)])
@@ -263,7 +263,7 @@ def test_the_answer_names_the_part_slot_and_the_overlay_outlines_the_parts():
     import io
     import time
 
-    from anomalymoe.platform.pipeline import Framing
+    from anomalymoe.platform.data.pipeline import Framing
     from anomalymoe.serve.inference import Loaded, outlines, score_batch
 
     model = _tiny_with_parts()

@@ -1,4 +1,4 @@
-"""`anomalymoe.platform.pipeline`: which rows an epoch sees (seeded, balanced), hold-out splits, decoding rows
+"""`anomalymoe.platform.data.pipeline`: which rows an epoch sees (seeded, balanced), hold-out splits, decoding rows
 into model input, and the Ray Data path yielding the same rows in the same order as the in-process one."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from anomalymoe.models.config import BackboneConfig
-from anomalymoe.platform.pipeline import (
+from anomalymoe.platform.data.pipeline import (
     TRAIN_COLUMNS,
     Frame,
     decode_image,
@@ -121,7 +121,7 @@ def test_holdout_split_per_category_seeded_disjoint_complete():
 
 
 def test_too_few_calibration_images_are_refused_or_warned_by_name():
-    from anomalymoe.platform.data import STABLE_CALIBRATION_IMAGES, check_calibration_split, describe_categories
+    from anomalymoe.platform.data.sources import STABLE_CALIBRATION_IMAGES, check_calibration_split, describe_categories
 
     normal = _frame({("a", "x"): 60, ("a", "y"): 20, ("b", "z"): 5})
     train, held = holdout_split(normal, 0.2, seed=0)  # x: 12 held, y: 4, z: 1
@@ -394,8 +394,8 @@ def _png_bytes(a: np.ndarray, **kw) -> bytes:
 
 
 def test_16_bit_grey_scores_like_its_8_bit_twin():
-    from anomalymoe.models.anomalymoe import AnomalyMoE
     from anomalymoe.models.config import presets
+    from anomalymoe.models.model import AnomalyMoE
 
     rng = np.random.default_rng(0)
     grey8 = (rng.random((96, 160)) * 255).astype(np.uint8)
@@ -474,7 +474,7 @@ def test_letterbox_keeps_a_wide_image_whole_and_in_shape():
     assert decode_rgb(_png_bytes(wide), Frame(56, 64, aspect="letterbox")).shape == (56, 56, 3)
     mask = np.zeros((50, 200), np.uint8)
     mask[:, 150:] = 255
-    from anomalymoe.platform.pipeline import decode_label_map
+    from anomalymoe.platform.data.pipeline import decode_label_map
 
     m = decode_label_map(_png_bytes(mask), f)
     assert m[21:35, 43:].all() and not m[:, :40].any() and not m[:21].any()
@@ -497,7 +497,7 @@ def test_framing_picks_each_categorys_frame_in_every_loader(tmp_path):
     """InputConfig per category: load_rows and the Ray Data path frame each row by its category, and report each
     image's own size."""
     from anomalymoe.models.config import CategoryInput, InputConfig, ModelConfig
-    from anomalymoe.platform.pipeline import Framing
+    from anomalymoe.platform.data.pipeline import Framing
 
     cfg = ModelConfig(backbone=BackboneConfig(img_size=56, resize=64),
                       input=InputConfig(categories={"d/wide": CategoryInput(aspect="letterbox")}))
@@ -531,7 +531,7 @@ def test_large_jpegs_decode_at_a_reduced_scale_with_their_own_size():
     buf = io.BytesIO()
     big.save(buf, "JPEG", quality=92)
     data = buf.getvalue()
-    from anomalymoe.platform.pipeline import decode_sized
+    from anomalymoe.platform.data.pipeline import decode_sized
 
     f = Frame(56, aspect="letterbox")
     got, size = decode_sized(data, f)

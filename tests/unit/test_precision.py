@@ -10,10 +10,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
-from anomalymoe.models.anomalymoe import AnomalyMoE
 from anomalymoe.models.config import presets
+from anomalymoe.models.model import AnomalyMoE
 from anomalymoe.models.router import _topk_softmax
-from anomalymoe.platform.trainer import TrainConfig, Trainer
+from anomalymoe.platform.train.trainer import TrainConfig, Trainer
 
 pytestmark = pytest.mark.unit
 

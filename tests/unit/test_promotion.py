@@ -10,14 +10,15 @@ import math
 import pytest
 import torch
 
-from anomalymoe.models.anomalymoe import AnomalyMoE
 from anomalymoe.models.artifact import save_artifact
 from anomalymoe.models.config import presets
-from anomalymoe.platform import promotion, registry
-from anomalymoe.platform.data import resolve_data
-from anomalymoe.platform.demo_data import generate_textures
-from anomalymoe.platform.evaluation import evaluate
-from anomalymoe.platform.pipeline import load_rows
+from anomalymoe.models.model import AnomalyMoE
+from anomalymoe.platform import promotion
+from anomalymoe.platform.data.demo.textures import generate_textures
+from anomalymoe.platform.data.pipeline import load_rows
+from anomalymoe.platform.data.sources import resolve_data
+from anomalymoe.platform.evaluation.evaluate import evaluate
+from anomalymoe.platform.tracking import registry
 
 pytestmark = pytest.mark.unit
 

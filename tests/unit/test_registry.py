@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from anomalymoe.platform import registry
+from anomalymoe.platform.tracking import registry
 
 pytestmark = pytest.mark.unit
 
@@ -55,7 +55,8 @@ def test_download_errors_name_the_uri(store):
 def test_download_refuses_keys_that_would_write_outside_the_folder(tmp_path, monkeypatch):
     """S3 key names are outside data: an artifact listing with `…/v4//home/…/x.pth` (an absolute path to pathlib) or
     `…/v4/../x` must not write outside the download folder. The whole artifact is refused and nothing is written."""
-    from anomalymoe.platform import registry, storage
+    from anomalymoe.platform.data import storage
+    from anomalymoe.platform.tracking import registry
 
     written = []
     monkeypatch.setattr(storage, "download_file", lambda src, dst: written.append(str(dst)))

@@ -1,4 +1,4 @@
-"""`anomalymoe.platform.segmentation`: the pieces (features, k-means, assignment, guided filter, background vote,
+"""`anomalymoe.platform.data.segmentation`: the pieces (features, k-means, assignment, guided filter, background vote,
 masks) and the per-category batch job (files beside the data, idempotent, resumable) on the tiny random ViT."""
 
 from __future__ import annotations
@@ -16,11 +16,9 @@ from PIL import Image
 
 from anomalymoe.models import parts
 from anomalymoe.models.backbone import Backbone
-from anomalymoe.platform import segmentation as seg
-from anomalymoe.platform import storage
-from anomalymoe.platform.data import resolve_data
-from anomalymoe.platform.demo_objects import generate_objects
-from anomalymoe.platform.segmentation import (
+from anomalymoe.platform.data import segmentation as seg
+from anomalymoe.platform.data.demo.objects import generate_objects
+from anomalymoe.platform.data.segmentation import (
     ClusterStats,
     SegmentParams,
     assign,
@@ -36,6 +34,7 @@ from anomalymoe.platform.segmentation import (
     segment_category,
     segment_manifest,
 )
+from anomalymoe.platform.data.sources import resolve_data, storage
 
 pytestmark = pytest.mark.unit
 

@@ -122,9 +122,9 @@ def test_scorer_takes_its_device_from_the_config_and_refuses_a_missing_gpu(monke
 
 
 def test_load_puts_the_artifact_on_the_replica_device(tmp_path, monkeypatch):
-    from anomalymoe.models.anomalymoe import AnomalyMoE
     from anomalymoe.models.artifact import save_artifact
     from anomalymoe.models.config import presets
+    from anomalymoe.models.model import AnomalyMoE
     from anomalymoe.serve import inference
 
     torch.manual_seed(0)
@@ -383,9 +383,9 @@ def test_buckets_are_exact_under_threads_and_count_pixels():
 # ------------------------------------------------------------------------------------------------ inference
 @pytest.fixture(scope="module")
 def loaded():
-    from anomalymoe.models.anomalymoe import AnomalyMoE
     from anomalymoe.models.config import presets
-    from anomalymoe.platform.pipeline import Framing
+    from anomalymoe.models.model import AnomalyMoE
+    from anomalymoe.platform.data.pipeline import Framing
     from anomalymoe.serve.inference import Loaded
 
     torch.manual_seed(0)
@@ -544,7 +544,7 @@ def test_refreshable_cloud_credentials_are_not_frozen_into_checkpoint_storage(mo
     import boto3
     from botocore.credentials import Credentials, RefreshableCredentials
 
-    from anomalymoe.platform import ray_training
+    from anomalymoe.platform.train import job as ray_training
 
     seen = {}
 

@@ -1,4 +1,4 @@
-"""`anomalymoe.platform.storage` on local paths, URI arithmetic, client settings and error mapping (no server;
+"""`anomalymoe.platform.data.storage` on local paths, URI arithmetic, client settings and error mapping (no server;
 the S3 behaviour is proven against SeaweedFS in tests/integration/test_storage.py)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from botocore import exceptions as bex
 
-from anomalymoe.platform import storage
-from anomalymoe.platform.storage import join, parent
+from anomalymoe.platform.data import storage
+from anomalymoe.platform.data.storage import join, parent
 
 pytestmark = pytest.mark.unit
 

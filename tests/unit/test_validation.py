@@ -1,4 +1,4 @@
-"""`anomalymoe.platform.validation`: synthetic defects are seeded, exact and visible; validation scores held-out
+"""`anomalymoe.platform.train.validation`: synthetic defects are seeded, exact and visible; validation scores held-out
 normals against their defective copies without touching the test split or the model's calibration."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import copy
 import pytest
 import torch
 
-from anomalymoe.models.anomalymoe import AnomalyMoE
 from anomalymoe.models.config import presets
-from anomalymoe.platform.validation import paste_defects, split_batches, validate
+from anomalymoe.models.model import AnomalyMoE
+from anomalymoe.platform.train.validation import paste_defects, split_batches, validate
 
 pytestmark = pytest.mark.unit
 

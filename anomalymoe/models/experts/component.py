@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ComponentExpertConfig
-from ..precision import fp32
+from anomalymoe.models.config import ComponentExpertConfig
+from anomalymoe.models.precision import fp32
 
 
 class ComponentExpert(nn.Module):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..config import GlobalExpertConfig
+from anomalymoe.models.config import GlobalExpertConfig
 
 # The reference's decoder ladder (sizes before each conv4/p2, which adds 1): 3 -> 7 -> 15 -> 31 -> 63 -> 31.
 _LADDER = (3, 7, 15, 31, 63, 31)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import PatchExpertConfig
+from anomalymoe.models.config import PatchExpertConfig
 
 
 class NoisyBottleneck(nn.Module):

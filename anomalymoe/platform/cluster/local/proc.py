@@ -1,0 +1,305 @@
+"""Process plumbing shared by the local-stack servers (S3, MLflow, Ray head): free ports on 127.0.0.1, pid
+files that are checked against the live process's command line (pids get reused), and a clean stop that ends
+only what this state directory started."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from anomalymoe.paths import REPO_ROOT
+
+HOST = "127.0.0.1"
+
+
+class LocalServerError(RuntimeError):
+    """A local server could not be started, found or stopped; the message says why and what to do."""
+
+
+def port_free(port: int) -> bool:
+    if not 0 < port < 65536:
+        return False
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(taken: set[int] | None = None, need_plus_10000: bool = False) -> int:
+    """A free port in 20000-54999 (below the usual ephemeral range); optionally with port+10000 free too."""
+    taken = taken or set()
+    rng = random.SystemRandom()
+    for _ in range(500):
+        p = rng.randrange(20000, 55000)
+        if p in taken or (need_plus_10000 and p + 10000 in taken):
+            continue
+        if port_free(p) and (not need_plus_10000 or port_free(p + 10000)):
+            return p
+    raise LocalServerError(f"no free TCP port found on {HOST}")
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped) is not a running server.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def pids_matching(needle: str) -> list[int]:
+    """Live processes whose command line contains ``needle`` (e.g. a state directory path)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            if any(needle in a for a in cmdline(int(d.name))) and alive(int(d.name)):
+                out.append(int(d.name))
+    return sorted(out)
+
+
+def terminate(pids: list[int], timeout: float = 15.0, group: bool = False) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``; with ``group`` each pid's whole process group (its workers)."""
+    def send(sig: int) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if group:
+                    os.killpg(pid, sig)
+                else:
+                    os.kill(pid, sig)
+
+    send(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if any(alive(p) for p in pids):
+        send(signal.SIGKILL)
+        while any(alive(p) for p in pids):
+            time.sleep(0.05)
+
+
+class ManagedServer:
+    """One server process owned through a pid file in ``state_dir``: ``start`` attaches to the copy already
+    running instead of starting a second one, ``stop`` ends only the process (group) named in the pid file and
+    only after ``_is_ours`` recognises its command line. Subclasses give the command, the check and readiness.
+    ``tie_to_parent`` makes the kernel stop the server if this Python process dies (tests: no leaked servers)."""
+
+    name = "server"
+
+    def __init__(self, state_dir: str | os.PathLike[str], port: int | None = None, *, tie_to_parent: bool = False,
+                 start_timeout: float = 60.0) -> None:
+        self.state_dir = Path(state_dir).expanduser().resolve()
+        self.requested_port = port
+        self.tie_to_parent = tie_to_parent
+        self.start_timeout = start_timeout
+        self.port: int | None = None
+        self.pid: int | None = None
+        self.start_seconds: float | None = None
+        self.info: dict[str, Any] = {}  # what _command chose besides the port (saved in server.json)
+        self._proc: subprocess.Popen | None = None
+
+    # ---------------------------------------------------------------- to override
+    def _command(self, port: int) -> list[str]:
+        raise NotImplementedError
+
+    def _env(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def _is_ours(self, argv: list[str]) -> bool:
+        raise NotImplementedError
+
+    def _ready(self) -> bool:
+        raise NotImplementedError
+
+    def env(self) -> dict[str, str]:
+        """Environment variables that point clients at this server (the CLI's `env` command prints them)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- state
+    @property
+    def log_file(self) -> Path:
+        return self.state_dir / f"{self.name}.log"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.state_dir / f"{self.name}.pid"
+
+    @property
+    def server_file(self) -> Path:
+        return self.state_dir / "server.json"
+
+    def read_server(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.server_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def running_pid(self) -> int | None:
+        """Pid of this state dir's live server, else None (and a stale pid file is removed)."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        if alive(pid) and self._is_ours(cmdline(pid)):
+            return pid
+        with contextlib.suppress(OSError):
+            self.pid_file.unlink()
+        return None
+
+    def status(self) -> dict[str, Any]:
+        pid = self.running_pid()
+        out: dict[str, Any] = {"running": pid is not None, "state_dir": str(self.state_dir), "log": str(self.log_file)}
+        if pid is not None:
+            out.update(pid=pid, port=self.read_server().get("port"))
+        return out
+
+    def log_tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self):
+        """Start (or attach to the running copy) and return once it answers."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        pid = self.running_pid()
+        if pid is not None:
+            port = self.read_server().get("port")
+            if self.requested_port is not None and port != self.requested_port:
+                raise LocalServerError(f"{self.name} for {self.state_dir} already runs on port {port} (pid {pid}); "
+                                       f"stop it before starting on port {self.requested_port}")
+            self.pid, self.port = pid, port
+            self.info = {k: v for k, v in self.read_server().items() if k not in ("port", "pid")}
+            self._wait(time.monotonic() + self.start_timeout)
+            return self
+        port = self.requested_port
+        if port is None:
+            old = self.read_server().get("port")
+            port = old if isinstance(old, int) and port_free(old) else free_port()
+        elif not port_free(port):
+            raise LocalServerError(f"port {port} on {HOST} is already in use by another process: stop it or "
+                                   f"choose another port for {self.name}")
+        cmd = self._command(port)
+        if self.tie_to_parent and shutil.which("setpriv"):
+            cmd = ["setpriv", "--pdeathsig", "TERM", "--", *cmd]
+        t0 = time.monotonic()
+        with open(self.log_file, "ab") as log:
+            log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} start {self.name} port {port}\n".encode())
+            log.flush()
+            self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                          env=self._env(), cwd=self.state_dir, start_new_session=True,
+                                          close_fds=True)
+        self.pid, self.port = self._proc.pid, port
+        self.pid_file.write_text(f"{self.pid}\n")
+        self.server_file.write_text(json.dumps({**self.info, "port": port, "pid": self.pid}, indent=1))
+        try:
+            self._wait(t0 + self.start_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self.start_seconds = time.monotonic() - t0
+        return self
+
+    def _wait(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise LocalServerError(f"{self.name} exited with code {self._proc.returncode} during start-up; "
+                                       f"log {self.log_file}:\n{self.log_tail()}")
+            if self._ready():
+                return
+            time.sleep(0.2)
+        raise LocalServerError(f"{self.name} on port {self.port} did not become ready within "
+                               f"{self.start_timeout:.0f} s; log {self.log_file}:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 15.0) -> bool:
+        """Stop this state dir's server and its workers (its process group); False if none was running."""
+        pid = self.pid if self._proc is not None and self._proc.poll() is None else self.running_pid()
+        stopped = False
+        if pid is not None:
+            terminate([pid], timeout, group=True)
+            stopped = True
+        if self._proc is not None:
+            with contextlib.suppress(Exception):
+                self._proc.wait(timeout=1)
+            self._proc = None
+        with contextlib.suppress(OSError):
+            self.pid_file.unlink()
+        self.pid = None
+        return stopped
+
+    def detach(self) -> None:
+        """Leave the server running when this process exits (CLI start)."""
+        if self._proc is not None:
+            self._proc.returncode = 0  # no "still running" warning at exit
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def default_state_root() -> Path:
+    root = os.environ.get("ANOMALYMOE_LOCAL_STACK")
+    return Path(root) if root else REPO_ROOT / ".local-stack"
+
+
+
+def run_cli(make: Callable[[], ManagedServer], command: str, started: Callable[[ManagedServer, str], str]) -> int:
+    """start|stop|status|env for a local server (the infra/local/*.sh scripts). ``make`` builds the server (it
+    may raise LocalServerError for bad settings); ``started`` words the start line ("already running" or
+    "started in N s" is passed in). Exit codes: 0 ok, 1 error, 3 not running."""
+    try:
+        server = make()
+        if command == "start":
+            already = server.running_pid()
+            server.start()
+            server.detach()
+            print(started(server, "already running" if already else f"started in {server.start_seconds:.1f} s"))
+            return 0
+        if command == "stop":
+            print("stopped" if server.stop() else f"not running ({server.state_dir})")
+            return 0
+        st = server.status()
+        if command == "status":
+            print(f"running, pid {st['pid']}, port {st['port']}" if st["running"] else "not running",
+                  f"(state {st['state_dir']}, log {st['log']})")
+            return 0 if st["running"] else 3
+        if not st["running"]:
+            print(f"local {server.name} is not running ({server.state_dir}): start it first", file=sys.stderr)
+            return 3
+        server.port = st["port"]
+        server.info = {k: v for k, v in server.read_server().items() if k not in ("port", "pid")}
+        for k, v in server.env().items():
+            print(f"export {k}={v}")
+        return 0
+    except LocalServerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,1 @@
+"""Tracking: ``registry`` (MLflow: the tracking URI, registered models per domain, aliases, artifact download)."""
