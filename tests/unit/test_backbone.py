@@ -324,7 +324,9 @@ def test_s3_missing_object(s3):
         Backbone(_tiny(weights=uri))
     with pytest.raises(FileNotFoundError, match="s3://nobucket/x.safetensors"):
         resolve_weights_file("s3://nobucket/x.safetensors")
-    with pytest.raises(Exception, match="names a bucket or folder, not an object"):  # storage's own message
+    from anomalymoe.platform.data.storage import StorageError
+
+    with pytest.raises(StorageError, match="names a bucket or folder, not an object"):  # storage's own message
         resolve_weights_file("s3://weights")
 
 
