@@ -44,9 +44,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from anomalymoe.serve.config import REPO_ROOT, NoAliasDumper, ServeConfig, load_config, render
+from anomalymoe.strict import Strict
 
 API = "ray.io/v1"
 RAY_VERSION = "2.60.0"
@@ -57,17 +58,13 @@ SERVE_PORT = 8000
 DERIVED_TRAIN_ARGS = ("--workers", "--gpu", "--no-gpu")  # set from the worker group of each variant
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Pods(_Strict):
+class Pods(Strict):
     cpu: str = "4"
     memory: str = "16Gi"
     gpu: int = Field(0, ge=0, description="nvidia.com/gpu per pod")
 
 
-class WorkerGroup(_Strict):
+class WorkerGroup(Strict):
     name: str = "workers"
     replicas: int = Field(2, ge=0)
     min_replicas: int = Field(0, ge=0)
@@ -75,7 +72,7 @@ class WorkerGroup(_Strict):
     pods: Pods = Pods(cpu="8", memory="32Gi")
 
 
-class Toleration(_Strict):
+class Toleration(Strict):
     """A Kubernetes toleration for GPU pods (GPU node pools are commonly tainted so only GPU work lands there)."""
 
     key: str = "nvidia.com/gpu"
@@ -84,7 +81,7 @@ class Toleration(_Strict):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = "NoSchedule"
 
 
-class ClusterConfig(_Strict):
+class ClusterConfig(Strict):
     """The settings an operator changes; everything else is derived."""
 
     namespace: str = "anomalymoe"

@@ -7,7 +7,9 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
+
+from anomalymoe.strict import Strict
 
 LEVELS = ("patch", "global", "component")
 
@@ -18,11 +20,7 @@ def dict_hash(data: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False)
-
-
-class BackboneConfig(_Strict):
+class BackboneConfig(Strict):
     # timm model name; "test_tiny_vit" builds a seeded random ViT for unit tests.
     name: str = "vit_base_patch14_reg4_dinov2"
     # None = random init (loudly); a timm hub tag ("hf-hub:..." / "timm"), a local or s3:// .safetensors
@@ -53,7 +51,7 @@ class BackboneConfig(_Strict):
         return self
 
 
-class PatchExpertConfig(_Strict):
+class PatchExpertConfig(Strict):
     num: int = 6
     decoder_depth: int = 8
     mlp_ratio: float = 4.0
@@ -63,14 +61,14 @@ class PatchExpertConfig(_Strict):
     norm_eps: float = 1e-8
 
 
-class GlobalExpertConfig(_Strict):
+class GlobalExpertConfig(Strict):
     num: int = 6
     ae_channels: int = 128
     ae_dropout: float = 0.2
     student_channels: list[int] = Field(default_factory=lambda: [256, 512])
 
 
-class ComponentExpertConfig(_Strict):
+class ComponentExpertConfig(Strict):
     num: int = 6
     hidden: int = 256
     mid: int = 64
@@ -84,7 +82,7 @@ class ComponentExpertConfig(_Strict):
     init: Literal["reference", "pytorch"] = "pytorch"
 
 
-class RouterConfig(_Strict):
+class RouterConfig(Strict):
     hidden: int = 256
     # "joint": top-k over all experts (reference); "per_level": top-k_level inside each level.
     mode: Literal["joint", "per_level"] = "joint"
@@ -92,7 +90,7 @@ class RouterConfig(_Strict):
     top_k_per_level: int = 1
 
 
-class LossConfig(_Strict):
+class LossConfig(Strict):
     p_hm: float = 0.9  # hard-mining: keep full gradient on the top (1-p) hardest points
     factor_hm: float = 0.1  # gradient factor on the easy points
     p_warmup_steps: int = 0  # Dinomaly ramps p 0 -> p_hm over 1000 steps; the reference does not
@@ -108,7 +106,7 @@ class LossConfig(_Strict):
     esb_z: float = 1e-3
 
 
-class ScoringConfig(_Strict):
+class ScoringConfig(Strict):
     # How level maps become one map. "mean": weighted mean of the calibrated level maps that the router
     # used (weights below); "max": pixel-wise max; "routing": levels weighted by their routing mass.
     fusion: Literal["mean", "max", "routing"] = "mean"
@@ -157,13 +155,13 @@ Aspect = Literal["squash", "letterbox"]
 Intensity = Literal["type", "image"] | tuple[float, float]
 
 
-class CategoryInput(_Strict):
+class CategoryInput(Strict):
     """One category's overrides of InputConfig (None = the model-wide value)."""
     aspect: Aspect | None = Field(None, description="this category's aspect (None: input.aspect)")
     intensity: Intensity | None = Field(None, description="this category's intensity (None: input.intensity)")
 
 
-class InputConfig(_Strict):
+class InputConfig(Strict):
     """How a stored image becomes model input, the same in training, evaluation and serving (pipeline.Framing).
     aspect "squash": resized to the square input whatever its shape (the reference's Resize; a 4:1 strip is
     stretched 4x across). "letterbox": the whole image fitted into the square with its aspect ratio kept, the rest
@@ -194,7 +192,7 @@ class InputConfig(_Strict):
                 (c.intensity if c and c.intensity is not None else self.intensity))
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     patch: PatchExpertConfig = Field(default_factory=PatchExpertConfig)
     global_: GlobalExpertConfig = Field(default_factory=GlobalExpertConfig, alias="global")

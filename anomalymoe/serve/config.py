@@ -16,20 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from anomalymoe.paths import REPO_ROOT  # noqa: E402
 from anomalymoe.platform.tracking import registry
+from anomalymoe.strict import Strict
 
 OPS_APP = "ops"
 CONTENT_TYPES = ("image/png", "image/jpeg", "image/bmp", "image/tiff", "image/webp")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Limits(_Strict):
+class Limits(Strict):
     """Checked by the ingress before anything is decoded."""
 
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0, description="larger bodies are refused with 413")
@@ -40,7 +37,7 @@ class Limits(_Strict):
     content_types: tuple[str, ...] = Field(CONTENT_TYPES, description="accepted image types (plus multipart)")
 
 
-class RateLimit(_Strict):
+class RateLimit(Strict):
     """Token buckets per tenant: requests (`per_second` sustained, `burst` at once) and decoded pixels (what a request
     costs: a 131 KB flat PNG of 6300 x 6300 takes 1.5 CPU-s to decode, as much as ~100 small images)."""
 
@@ -52,7 +49,7 @@ class RateLimit(_Strict):
                                    "never admitted (413)")
 
 
-class Autoscaling(_Strict):
+class Autoscaling(Strict):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
     target_ongoing_requests: float = Field(8.0, gt=0, description="per replica; about one full batch in flight")
@@ -66,7 +63,7 @@ class Autoscaling(_Strict):
         return self
 
 
-class DomainConfig(_Strict):
+class DomainConfig(Strict):
     """One application: `/v1/<domain>/score`, serving anomalymoe-<domain>@<alias> (or `model`, a fixed URI)."""
 
     domain: str
@@ -113,7 +110,7 @@ class DomainConfig(_Strict):
         return self.torch_threads or max(1, round(self.scorer_cpus))
 
 
-class ServeConfig(_Strict):
+class ServeConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     domains: list[DomainConfig] = Field(default_factory=lambda: [DomainConfig(domain="textures"),

@@ -536,31 +536,3 @@ def test_no_secret_reaches_the_serve_config(monkeypatch, tmp_path):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and "s3cr3t-value-xyz" in open(path).read()
     with pytest.raises(ValueError, match="secrets do not go into the Serve config"):
         sc.ServeConfig(env={"AWS_SECRET_ACCESS_KEY": "x"})
-
-
-def test_refreshable_cloud_credentials_are_not_frozen_into_checkpoint_storage(monkeypatch):
-    """An IAM role's STS token expires (typically within an hour): it is no longer frozen into the checkpoint
-    filesystem (pyarrow's own chain refreshes it on every worker); static keys still are handed over."""
-    import boto3
-    from botocore.credentials import Credentials, RefreshableCredentials
-
-    from anomalymoe.platform.train import job as ray_training
-
-    seen = {}
-
-    class FakeFS:
-        def __init__(self, **kw):
-            seen.clear()
-            seen.update(kw)
-
-    import pyarrow.fs
-
-    monkeypatch.setattr(pyarrow.fs, "S3FileSystem", FakeFS)
-    role = RefreshableCredentials("ASIA1", "tok-secret", "sess", expiry_time=__import__("datetime").datetime(
-        2030, 1, 1, tzinfo=__import__("datetime").timezone.utc), refresh_using=lambda: {}, method="assume-role")
-    monkeypatch.setattr(boto3.Session, "get_credentials", lambda self: role)
-    ray_training.storage_config("s3://bucket/runs")
-    assert "access_key" not in seen and "secret_key" not in seen
-    monkeypatch.setattr(boto3.Session, "get_credentials", lambda self: Credentials("AKIA1", "static", method="env"))
-    ray_training.storage_config("s3://bucket/runs")
-    assert seen["access_key"] == "AKIA1" and seen["secret_key"] == "static"

@@ -328,3 +328,31 @@ def test_hung_endpoint_is_unreachable_within_bounded_time(fake_aws, monkeypatch)
             storage.read_bytes("s3://bk/k")
         assert time.monotonic() - t0 < 10
         assert len(sent) == 3  # the message's "3 tries" is what happened
+
+
+def test_refreshable_cloud_credentials_are_not_frozen_into_checkpoint_storage(monkeypatch):
+    """An IAM role's STS token expires (typically within an hour): it is no longer frozen into the checkpoint
+    filesystem (pyarrow's own chain refreshes it on every worker); static keys still are handed over."""
+    import boto3
+    from botocore.credentials import Credentials, RefreshableCredentials
+
+    from anomalymoe.platform.train import job as ray_training
+
+    seen = {}
+
+    class FakeFS:
+        def __init__(self, **kw):
+            seen.clear()
+            seen.update(kw)
+
+    import pyarrow.fs
+
+    monkeypatch.setattr(pyarrow.fs, "S3FileSystem", FakeFS)
+    role = RefreshableCredentials("ASIA1", "tok-secret", "sess", expiry_time=__import__("datetime").datetime(
+        2030, 1, 1, tzinfo=__import__("datetime").timezone.utc), refresh_using=lambda: {}, method="assume-role")
+    monkeypatch.setattr(boto3.Session, "get_credentials", lambda self: role)
+    ray_training.storage_config("s3://bucket/runs")
+    assert "access_key" not in seen and "secret_key" not in seen
+    monkeypatch.setattr(boto3.Session, "get_credentials", lambda self: Credentials("AKIA1", "static", method="env"))
+    ray_training.storage_config("s3://bucket/runs")
+    assert seen["access_key"] == "AKIA1" and seen["secret_key"] == "static"

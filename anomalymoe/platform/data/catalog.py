@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 import pandas as pd
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from anomalymoe.platform.data import storage
 from anomalymoe.platform.data.manifest import (
@@ -49,6 +49,7 @@ from anomalymoe.platform.data.manifest import (
     normalize_root,
     validate_manifest,
 )
+from anomalymoe.strict import Strict
 
 __all__ = ["Catalog", "CatalogError", "DatasetSpec", "DomainSpec", "demo_catalog", "load_catalog", "save_catalog"]
 
@@ -66,8 +67,7 @@ def _check_name(v: str, what: str) -> str:
     return v
 
 
-class DatasetSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class DatasetSpec(Strict):
 
     root: str = Field(description="MVTec-layout root of this dataset (path or s3://)")
     format: Format = Field("mvtec", description="native layout of `source`, i.e. which importer makes `root`")
@@ -105,8 +105,7 @@ class DatasetSpec(BaseModel):
         return out
 
 
-class DomainSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class DomainSpec(Strict):
 
     datasets: dict[str, DatasetSpec]
 
@@ -120,8 +119,7 @@ class DomainSpec(BaseModel):
         return v
 
 
-class Catalog(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Catalog(Strict):
 
     version: Literal[1] = 1
     domains: dict[str, DomainSpec]

@@ -205,26 +205,60 @@ def s3_client() -> Any:
     with _CLIENTS_LOCK:
         client = _CLIENTS.get(key)
         if client is None:
-            import boto3
-            from botocore.config import Config
-
-            session = boto3.session.Session()
-            region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or session.region_name
-            extra: dict[str, Any] = {}
-            if endpoint:  # S3-compatible servers: path-style buckets, checksums only where the API needs them
-                extra = {"s3": {"addressing_style": "path"}, "request_checksum_calculation": "when_required",
-                         "response_checksum_validation": "when_required"}
-            config = Config(retries={"mode": "standard", "total_max_attempts": attempts}, connect_timeout=connect,
-                            read_timeout=read, max_pool_connections=32, **extra)
-            try:
-                client = session.client("s3", endpoint_url=endpoint, region_name=region or "us-east-1",
-                                        config=config)
-            except ValueError as e:
-                raise _err(StorageError, f"invalid S3 endpoint {endpoint!r} ({e}): fix AWS_ENDPOINT_URL", e) from None
+            client = new_s3_client(endpoint, attempts=attempts, connect_timeout=connect, read_timeout=read)
             if len(_CLIENTS) > 16:
                 _CLIENTS.clear()
             _CLIENTS[key] = client
     return client
+
+
+def new_s3_client(endpoint: str | None, *, access_key: str | None = None, secret_key: str | None = None,
+                  region: str | None = None, attempts: int = 3, connect_timeout: float = 2.0,
+                  read_timeout: float = 20.0) -> Any:
+    """The one way a boto3 S3 client is built: botocore "standard" retries, short timeouts, and for S3-compatible
+    servers path-style buckets with checksums only where the API needs them. Credentials from the AWS chain unless
+    given (a local server's own keys). `s3_client()` caches these per settings; the local SeaweedFS manager builds
+    its own with its keys."""
+    import boto3
+    from botocore.config import Config
+
+    session = boto3.session.Session()
+    region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or session.region_name
+    extra: dict[str, Any] = {}
+    if endpoint:
+        extra = {"s3": {"addressing_style": "path"}, "request_checksum_calculation": "when_required",
+                 "response_checksum_validation": "when_required"}
+    config = Config(retries={"mode": "standard", "total_max_attempts": attempts}, connect_timeout=connect_timeout,
+                    read_timeout=read_timeout, max_pool_connections=32, **extra)
+    keys = {"aws_access_key_id": access_key, "aws_secret_access_key": secret_key} if access_key else {}
+    try:
+        return session.client("s3", endpoint_url=endpoint, region_name=region or "us-east-1", config=config, **keys)
+    except ValueError as e:
+        raise _err(StorageError, f"invalid S3 endpoint {endpoint!r} ({e}): fix AWS_ENDPOINT_URL", e) from None
+
+
+STATIC_CREDENTIALS = ("env", "explicit", "shared-credentials-file", "config-file")  # botocore methods that never expire
+
+
+def pyarrow_filesystem() -> Any:
+    """A pyarrow S3 filesystem with the same settings as `s3_client()` (endpoint, region; Ray Train's checkpoint
+    storage). Static keys (env, a credentials file) are handed over; refreshable ones (an IAM role, assume-role,
+    web identity, SSO: STS tokens that expire, typically within an hour) are not frozen into it: pyarrow's own AWS
+    chain resolves and refreshes them in every process that uses it, so a long run outlives its first token."""
+    import boto3
+    import pyarrow.fs
+
+    creds = boto3.Session().get_credentials()
+    kw: dict[str, Any] = {}
+    if creds is not None and getattr(creds, "method", "") in STATIC_CREDENTIALS:
+        c = creds.get_frozen_credentials()
+        kw.update(access_key=c.access_key, secret_key=c.secret_key, session_token=c.token)
+    endpoint = s3_endpoint()
+    if endpoint:
+        kw["endpoint_override"] = endpoint
+        kw["scheme"] = "https" if endpoint.startswith("https") else "http"
+    kw["region"] = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
+    return pyarrow.fs.S3FileSystem(**kw)
 
 
 def multipart_threshold() -> int:

@@ -278,31 +278,12 @@ def git_sha() -> str:
         return "unknown"
 
 
-STATIC_CREDENTIALS = ("env", "explicit", "shared-credentials-file", "config-file")  # botocore methods that never expire
-
-
 def storage_config(uri: str) -> tuple[str, Any]:
-    """(storage_path, storage_filesystem) for RunConfig: a local dir as is; s3:// through pyarrow's S3 client at
-    the platform's endpoint (AWS_ENDPOINT_URL) with credentials from the usual AWS chain. Static keys (env, a
-    credentials file) are handed over; refreshable ones (an IAM role, assume-role, web identity, SSO: STS tokens
-    that expire, typically within an hour) are not frozen into the filesystem: pyarrow's own AWS chain resolves and
-    refreshes them on every worker, so a long run does not fail when its first token expires."""
+    """(storage_path, storage_filesystem) for RunConfig: a local dir as is; s3:// through the storage layer's pyarrow
+    filesystem (the same endpoint and credential rules as every other S3 access: storage.pyarrow_filesystem)."""
     if not storage.is_s3(uri):
         return str(Path(uri).resolve()), None
-    import boto3
-    import pyarrow.fs
-
-    creds = boto3.Session().get_credentials()
-    kw: dict[str, Any] = {}
-    if creds is not None and getattr(creds, "method", "") in STATIC_CREDENTIALS:
-        c = creds.get_frozen_credentials()
-        kw.update(access_key=c.access_key, secret_key=c.secret_key, session_token=c.token)
-    endpoint = storage.s3_endpoint()
-    if endpoint:
-        kw["endpoint_override"] = endpoint
-        kw["scheme"] = "https" if endpoint.startswith("https") else "http"
-    kw["region"] = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
-    return uri.removeprefix("s3://").rstrip("/"), pyarrow.fs.S3FileSystem(**kw)
+    return uri.removeprefix("s3://").rstrip("/"), storage.pyarrow_filesystem()
 
 
 def fit_on_ray(loop: LoopConfig, *, workers: int, storage_uri: str, gpu: bool = False, max_failures: int = 3,

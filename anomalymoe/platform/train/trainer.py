@@ -16,13 +16,14 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from anomalymoe.models.model import AnomalyMoE
 from anomalymoe.models.precision import autocast
 from anomalymoe.platform.train.optim import StableAdamW, warm_cosine_lr
+from anomalymoe.strict import Strict
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,7 @@ log = logging.getLogger(__name__)
 PARAM_GROUPS = ("patch", "global", "component", "router")
 
 
-class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TrainConfig(Strict):
     steps: int = 100_000
     batch_size: int = 8
     lr: float = 5e-4

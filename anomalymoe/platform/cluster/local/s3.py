@@ -30,6 +30,7 @@ from typing import Any
 
 from anomalymoe.platform.cluster.local.proc import HOST, LocalServerError, alive, cmdline, default_state_root, port_free
 from anomalymoe.platform.cluster.local.proc import free_port as _free_port
+from anomalymoe.platform.data.storage import new_s3_client
 
 DEFAULT_PORT = 8333
 DEFAULT_ACCESS_KEY = "anomalymoe"
@@ -256,14 +257,8 @@ class SeaweedS3:
 
     def _wait_ready(self, deadline: float) -> None:
         """Poll until the S3 port answers HTTP and then a signed ListBuckets succeeds (the filer is up)."""
-        import boto3
-        from botocore.config import Config
-
-        client = boto3.session.Session().client(
-            "s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key, region_name=DEFAULT_REGION,
-            config=Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=5,
-                          s3={"addressing_style": "path"}))
+        client = new_s3_client(self.endpoint, access_key=self.access_key, secret_key=self.secret_key,
+                               region=DEFAULT_REGION, attempts=1, connect_timeout=1, read_timeout=5)
         last: Exception | None = None
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is not None:
@@ -332,13 +327,8 @@ class SeaweedS3:
     # ------------------------------------------------------------------ conveniences
     def client(self) -> Any:
         """A boto3 S3 client for this server with its credentials (independent of the process env)."""
-        import boto3
-        from botocore.config import Config
-
-        return boto3.session.Session().client(
-            "s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key, region_name=DEFAULT_REGION,
-            config=Config(s3={"addressing_style": "path"}, retries={"mode": "standard", "max_attempts": 3}))
+        return new_s3_client(self.endpoint, access_key=self.access_key, secret_key=self.secret_key,
+                             region=DEFAULT_REGION)
 
     def create_bucket(self, name: str) -> None:
         """Create ``name`` if it does not exist yet (idempotent)."""
