@@ -134,15 +134,9 @@ def bench_train(args) -> dict:
     2 workers with the same global batch; no MLflow, no validation, a checkpoint only at the end."""
     import tempfile
 
-    from anomalymoe.platform.train.job import (
-        JobSpec,
-        connect_ray,
-        cpus_per_worker,
-        fit_on_ray,
-        loop_config,
-        prepare,
-        read_history,
-    )
+    from anomalymoe.platform.cluster.ray import connect_ray
+    from anomalymoe.platform.train.job import JobSpec, loop_config, prepare
+    from anomalymoe.platform.train.loop import cpus_per_worker, fit_on_ray, read_history
 
     tmp = Path(tempfile.mkdtemp(prefix="amoe-bench-train-"))
     spec = JobSpec(model=presets()[args.preset].model_copy(deep=True),

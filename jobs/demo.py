@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    {dom}: {s['n_images']} images, {s['n_masks']} defect masks "
               f"({'generated' if s['regenerated'] else 'reused'})", flush=True)
 
-    from anomalymoe.platform.train.job import connect_ray, run_job
+    from anomalymoe.platform.cluster.ray import connect_ray
+    from anomalymoe.platform.train.job import run_job
 
     summary = reusable(out, spec.name)
     if summary:

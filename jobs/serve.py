@@ -49,7 +49,7 @@ def _config(args) -> ServeConfig:
 
 
 def _deploy(cfg: ServeConfig, address: str | None) -> dict:
-    from anomalymoe.platform.train.job import connect_ray
+    from anomalymoe.platform.cluster.ray import connect_ray
     from anomalymoe.serve.app import deploy
 
     connect_ray(address)
@@ -101,7 +101,7 @@ def cmd_deploy(args) -> int:
 def cmd_push(args) -> int:
     """After a promotion: switch the running apps to the new champions, or leave the previous ones serving and exit
     non-zero with the reason (app.push: pre-load here, deploy, every replica switched, else roll back)."""
-    from anomalymoe.platform.train.job import connect_ray
+    from anomalymoe.platform.cluster.ray import connect_ray
     from anomalymoe.serve.app import PushError, push
 
     cfg = _config(args)

@@ -12,7 +12,7 @@ import typing
 
 from pydantic import BaseModel
 
-from anomalymoe.paths import REPO_ROOT  # noqa: E402
+from anomalymoe.paths import REPO_ROOT
 
 DOCUMENT = REPO_ROOT / "docs" / "config.md"
 

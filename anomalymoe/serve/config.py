@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from anomalymoe.paths import REPO_ROOT  # noqa: E402
+from anomalymoe.paths import REPO_ROOT
 from anomalymoe.platform.tracking import registry
 from anomalymoe.strict import Strict
 

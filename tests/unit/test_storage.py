@@ -336,7 +336,7 @@ def test_refreshable_cloud_credentials_are_not_frozen_into_checkpoint_storage(mo
     import boto3
     from botocore.credentials import Credentials, RefreshableCredentials
 
-    from anomalymoe.platform.train import job as ray_training
+    from anomalymoe.platform.cluster import ray as ray_cluster
 
     seen = {}
 
@@ -351,8 +351,8 @@ def test_refreshable_cloud_credentials_are_not_frozen_into_checkpoint_storage(mo
     role = RefreshableCredentials("ASIA1", "tok-secret", "sess", expiry_time=__import__("datetime").datetime(
         2030, 1, 1, tzinfo=__import__("datetime").timezone.utc), refresh_using=lambda: {}, method="assume-role")
     monkeypatch.setattr(boto3.Session, "get_credentials", lambda self: role)
-    ray_training.storage_config("s3://bucket/runs")
+    ray_cluster.storage_config("s3://bucket/runs")
     assert "access_key" not in seen and "secret_key" not in seen
     monkeypatch.setattr(boto3.Session, "get_credentials", lambda self: Credentials("AKIA1", "static", method="env"))
-    ray_training.storage_config("s3://bucket/runs")
+    ray_cluster.storage_config("s3://bucket/runs")
     assert seen["access_key"] == "AKIA1" and seen["secret_key"] == "static"

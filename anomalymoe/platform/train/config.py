@@ -40,11 +40,13 @@ from typing import Any
 import yaml
 
 from anomalymoe.models.config import ModelConfig, presets
+from anomalymoe.paths import REPO_ROOT
 from anomalymoe.platform.data.manifest import ManifestError
 from anomalymoe.platform.data.storage import StorageError
 from anomalymoe.platform.tracking.registry import RegistryError
+from anomalymoe.platform.tracking.runs import MLflowUnavailable
 from anomalymoe.platform.train.checkpoint import CheckpointError
-from anomalymoe.platform.train.job import REPO_ROOT, JobSpec, MLflowUnavailable
+from anomalymoe.platform.train.job import JobSpec
 from anomalymoe.platform.train.trainer import TrainConfig
 
 log = logging.getLogger(__name__)

@@ -29,20 +29,11 @@ from typing import Any
 import pandas as pd
 
 from anomalymoe.models.config import ModelConfig
-from anomalymoe.platform.train.job import (
-    REPO_ROOT,
-    JobSpec,
-    _flatten,
-    connect_ray,
-    finish,
-    finish_device,
-    loop_config,
-    model_from_checkpoint,
-    prepare,
-    storage_config,
-    train_loop,
-    write_json,
-)
+from anomalymoe.paths import REPO_ROOT
+from anomalymoe.platform.cluster.ray import connect_ray, storage_config
+from anomalymoe.platform.tracking.runs import flatten_params
+from anomalymoe.platform.train.job import JobSpec, finish, finish_device, loop_config, prepare, write_json
+from anomalymoe.platform.train.loop import model_from_checkpoint, train_loop
 from anomalymoe.platform.train.trainer import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -152,7 +143,7 @@ def run_tune(spec: JobSpec, *, trials: int, max_concurrent: int | None = None, g
     exp = registry.experiment_id(spec.experiment)
     parent = c.create_run(exp, run_name=name, tags={**prep.tags, "tune": name}).info.run_id
     space = search_space(prep.model_cfg)
-    params = {**_flatten("", {"model": prep.model_cfg, "train": spec.train.model_dump(mode="json")}, {}),
+    params = {**flatten_params("", {"model": prep.model_cfg, "train": spec.train.model_dump(mode="json")}, {}),
               "tune.trials": str(trials), "tune.space": ",".join(space), "tune.rung_every": str(every)}
     items = [Param(k[:250], v[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):
