@@ -17,9 +17,9 @@ from anomalymoe.platform.train.trainer import TrainConfig
 def bench_ablation(args) -> dict:
     """Full MoE vs a patch-experts-only model on the objects domain, same data, steps, batch, lr and seed."""
     from anomalymoe.models.artifact import save_artifact
-    from anomalymoe.platform.data.pipeline import Framing
     from anomalymoe.platform.data.segmentation import SegmentParams, prepare_parts
     from anomalymoe.platform.data.sources import resolve_data
+    from anomalymoe.platform.data.transforms import Framing
     from anomalymoe.platform.evaluation.evaluate import evaluate
     from anomalymoe.platform.train.trainer import seed_everything, train_and_calibrate
 

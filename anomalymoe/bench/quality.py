@@ -22,7 +22,8 @@ import torch
 from anomalymoe.models.config import LEVELS, presets
 from anomalymoe.models.model import AnomalyMoE
 from anomalymoe.models.precision import device_of
-from anomalymoe.platform.data.pipeline import Framing, category_batches, local_epochs, to_device
+from anomalymoe.platform.data.pipeline import category_batches, local_epochs, to_device
+from anomalymoe.platform.data.transforms import Framing
 from anomalymoe.platform.train.trainer import TrainConfig, fit, seed_everything
 
 

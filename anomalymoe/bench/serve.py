@@ -213,8 +213,9 @@ def bench_serve(args) -> dict:
         from anomalymoe.models.artifact import save_artifact
         from anomalymoe.platform.cluster.local.proc import free_port
         from anomalymoe.platform.data.demo.textures import generate_textures
-        from anomalymoe.platform.data.pipeline import Framing, load_rows
+        from anomalymoe.platform.data.pipeline import load_rows
         from anomalymoe.platform.data.sources import resolve_data
+        from anomalymoe.platform.data.transforms import Framing
         from anomalymoe.platform.tracking import registry
         from anomalymoe.serve import inference
         from anomalymoe.serve.app import deploy, wait_ready

@@ -35,7 +35,7 @@ from anomalymoe.models.artifact import load_artifact
 from anomalymoe.models.config import LEVELS
 from anomalymoe.models.model import AnomalyMoE, Prediction
 from anomalymoe.models.scoring import DEFAULT_KEY, ScoreNorm
-from anomalymoe.platform.data.pipeline import Frame, Framing, decode_pool, decode_sized, to_tensor
+from anomalymoe.platform.data.transforms import Frame, Framing, decode_pool, decode_sized, to_tensor
 from anomalymoe.platform.tracking import registry
 
 DECODE_THREADS = 4  # decode threads per batch (a replica's CPUs are mostly the model's)

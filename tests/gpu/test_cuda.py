@@ -144,7 +144,7 @@ def test_evaluation_artifact_round_trip_and_serving_batch_on_cuda(tmp_path):
     torch.testing.assert_close(loaded.predict(images.to(CUDA), None, ["d/c"] * 6).score,
                                model.predict(images.to(CUDA), None, ["d/c"] * 6).score)
 
-    from anomalymoe.platform.data.pipeline import Framing
+    from anomalymoe.platform.data.transforms import Framing
 
     items = [{"data": _png(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)), "category": "c", "map": i == 0,
               "enqueued": time.time()} for i in range(4)]

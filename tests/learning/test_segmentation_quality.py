@@ -51,8 +51,9 @@ def test_model_derives_the_label_maps_and_infers_the_category(segmented):
 
     from anomalymoe.models.config import presets
     from anomalymoe.models.model import AnomalyMoE
-    from anomalymoe.platform.data.pipeline import Frame, load_rows, row_keys
+    from anomalymoe.platform.data.pipeline import load_rows, row_keys
     from anomalymoe.platform.data.segmentation import fit_parts, prepare_parts
+    from anomalymoe.platform.data.transforms import Frame
 
     root, df, kept, backbone = segmented
     params = SegmentParams(k=6)
@@ -86,7 +87,8 @@ def test_category_inference_names_every_demo_test_image(segmented, tmp_path):
     from anomalymoe.models.config import presets
     from anomalymoe.models.model import AnomalyMoE
     from anomalymoe.platform.data.demo.textures import generate_textures
-    from anomalymoe.platform.data.pipeline import Frame, load_rows, row_keys
+    from anomalymoe.platform.data.pipeline import load_rows, row_keys
+    from anomalymoe.platform.data.transforms import Frame
 
     _, objects, _, backbone = segmented
     generate_textures(tmp_path / "textures", n_train=8, n_test_good=2, n_test_defect_per_type=2, seed=0)

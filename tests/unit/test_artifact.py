@@ -279,7 +279,7 @@ def test_input_config_travels_with_the_artifact_and_hashes_as_before_when_unset(
     from pydantic import ValidationError
 
     from anomalymoe.models.config import CategoryInput, InputConfig, dict_hash, presets
-    from anomalymoe.platform.data.pipeline import Frame, Framing
+    from anomalymoe.platform.data.transforms import Frame, Framing
 
     base = presets()["test-tiny"]
     assert "input" not in base.to_dict()

@@ -197,7 +197,7 @@ def test_metrics_table_and_write_report(tmp_path):
 def test_ground_truth_goes_through_the_models_crop(tmp_path):
     """With a resize + centre crop, a defect wholly in the cropped-off border is not in the ground truth (the
     model never saw those pixels), and one at the centre stays where the image's centre goes."""
-    from anomalymoe.platform.data.pipeline import Frame
+    from anomalymoe.platform.data.transforms import Frame
     from anomalymoe.platform.evaluation.evaluate import _gt_masks
 
     m = torch.zeros(64, 64, dtype=torch.uint8)

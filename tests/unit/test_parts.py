@@ -263,7 +263,7 @@ def test_the_answer_names_the_part_slot_and_the_overlay_outlines_the_parts():
     import io
     import time
 
-    from anomalymoe.platform.data.pipeline import Framing
+    from anomalymoe.platform.data.transforms import Framing
     from anomalymoe.serve.inference import Loaded, outlines, score_batch
 
     model = _tiny_with_parts()

@@ -16,9 +16,6 @@ from PIL import Image
 from anomalymoe.models.config import BackboneConfig
 from anomalymoe.platform.data.pipeline import (
     TRAIN_COLUMNS,
-    Frame,
-    decode_image,
-    decode_rgb,
     epoch_indices,
     holdout_split,
     load_rows,
@@ -28,8 +25,8 @@ from anomalymoe.platform.data.pipeline import (
     ray_rows,
     step_rows,
     to_batch,
-    to_rgb8,
 )
+from anomalymoe.platform.data.transforms import Frame, decode_image, decode_rgb, to_rgb8
 
 pytestmark = pytest.mark.unit
 
@@ -474,7 +471,7 @@ def test_letterbox_keeps_a_wide_image_whole_and_in_shape():
     assert decode_rgb(_png_bytes(wide), Frame(56, 64, aspect="letterbox")).shape == (56, 56, 3)
     mask = np.zeros((50, 200), np.uint8)
     mask[:, 150:] = 255
-    from anomalymoe.platform.data.pipeline import decode_label_map
+    from anomalymoe.platform.data.transforms import decode_label_map
 
     m = decode_label_map(_png_bytes(mask), f)
     assert m[21:35, 43:].all() and not m[:, :40].any() and not m[:21].any()
@@ -497,7 +494,7 @@ def test_framing_picks_each_categorys_frame_in_every_loader(tmp_path):
     """InputConfig per category: load_rows and the Ray Data path frame each row by its category, and report each
     image's own size."""
     from anomalymoe.models.config import CategoryInput, InputConfig, ModelConfig
-    from anomalymoe.platform.data.pipeline import Framing
+    from anomalymoe.platform.data.transforms import Framing
 
     cfg = ModelConfig(backbone=BackboneConfig(img_size=56, resize=64),
                       input=InputConfig(categories={"d/wide": CategoryInput(aspect="letterbox")}))
@@ -531,7 +528,7 @@ def test_large_jpegs_decode_at_a_reduced_scale_with_their_own_size():
     buf = io.BytesIO()
     big.save(buf, "JPEG", quality=92)
     data = buf.getvalue()
-    from anomalymoe.platform.data.pipeline import decode_sized
+    from anomalymoe.platform.data.transforms import decode_sized
 
     f = Frame(56, aspect="letterbox")
     got, size = decode_sized(data, f)

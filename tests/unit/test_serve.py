@@ -385,7 +385,7 @@ def test_buckets_are_exact_under_threads_and_count_pixels():
 def loaded():
     from anomalymoe.models.config import presets
     from anomalymoe.models.model import AnomalyMoE
-    from anomalymoe.platform.data.pipeline import Framing
+    from anomalymoe.platform.data.transforms import Framing
     from anomalymoe.serve.inference import Loaded
 
     torch.manual_seed(0)

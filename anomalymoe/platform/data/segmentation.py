@@ -34,7 +34,8 @@ from anomalymoe.models.parts import (  # noqa: F401 - assign, guided_filter, com
     token_features,
 )
 from anomalymoe.platform.data import storage
-from anomalymoe.platform.data.pipeline import Frame, Framing, load_rows
+from anomalymoe.platform.data.pipeline import load_rows
+from anomalymoe.platform.data.transforms import Frame, Framing
 
 
 @torch.no_grad()

@@ -23,7 +23,8 @@ from anomalymoe.models.config import LEVELS  # noqa: E402
 from anomalymoe.models.model import AnomalyMoE  # noqa: E402
 from anomalymoe.models.scoring import LevelNorm  # noqa: E402
 from anomalymoe.platform.data import storage  # noqa: E402
-from anomalymoe.platform.data.pipeline import Framing, decode_label_map, load_rows, ray_rows, to_batch, to_device  # noqa: E402
+from anomalymoe.platform.data.pipeline import load_rows, ray_rows, to_batch, to_device  # noqa: E402
+from anomalymoe.platform.data.transforms import Framing, decode_label_map
 from anomalymoe.platform.evaluation.metrics import AnomalyMetrics  # noqa: E402
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap", "f1_max", "pixel_f1_max")

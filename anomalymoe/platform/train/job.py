@@ -32,11 +32,8 @@ from anomalymoe.models.precision import describe
 from anomalymoe.paths import REPO_ROOT
 from anomalymoe.platform.cluster.ray import connect_ray
 from anomalymoe.platform.data.manifest import manifest_hash
-from anomalymoe.platform.data.pipeline import (
-    Framing,
-    category_batches,
-    to_device,
-)
+from anomalymoe.platform.data.pipeline import category_batches, to_device
+from anomalymoe.platform.data.transforms import Framing
 from anomalymoe.platform.tracking.runs import (
     MLflowRetry,
     MLflowUnavailable,

@@ -32,7 +32,6 @@ from anomalymoe.models.model import AnomalyMoE
 from anomalymoe.models.parts import Parts
 from anomalymoe.platform.cluster.ray import storage_config
 from anomalymoe.platform.data.pipeline import (
-    Framing,
     category_batches,
     load_rows,
     prefetch,
@@ -42,6 +41,7 @@ from anomalymoe.platform.data.pipeline import (
     to_batch,
     to_device,
 )
+from anomalymoe.platform.data.transforms import Framing
 from anomalymoe.platform.tracking.runs import MLflowLogger
 from anomalymoe.platform.train.checkpoint import load_training_state, load_weights, save_training_state
 from anomalymoe.platform.train.trainer import TrainConfig, Trainer, seed_everything
