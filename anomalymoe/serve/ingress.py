@@ -23,7 +23,6 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel
 from ray import serve
 
 from anomalymoe.serve import errors
@@ -32,85 +31,10 @@ from anomalymoe.serve.errors import ApiError
 from anomalymoe.serve.metrics import Metrics
 from anomalymoe.serve.ops import readiness, start_flusher, state_handle
 from anomalymoe.serve.ratelimit import Buckets, retry_after
+from anomalymoe.serve.schema import ErrorResponse, ScoreResponse
 from anomalymoe.serve.tenants import StoreUnavailable, Tenant, TenantCache
 
 log = logging.getLogger("ray.serve")
-
-
-# ------------------------------------------------------------------------------------------------ response models
-class ErrorDetail(BaseModel):
-    code: str
-    message: str
-    request_id: str
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
-class ModelInfo(BaseModel):
-    name: str
-    version: str
-    uri: str
-    variant: str | None = None
-
-
-class PartInfo(BaseModel):
-    """The part slot that drove the component level (inference.part_explanation)."""
-
-    slot: int
-    cluster: int
-    score: float | None = None
-    appearance_score: float | None = None
-    layout_score: float | None = None
-    driven_by: str
-    missing: bool
-    area: float
-
-
-class LevelInfo(BaseModel):
-    used: bool
-    routing_mass: float
-    score: float | None = None
-    part: PartInfo | None = None  # component level only
-
-
-class CategoryInference(BaseModel):
-    """How a request without ?category= was assigned one: the nearest prototype among the domain's categories."""
-
-    inferred: bool
-    confidence: float
-    similarity: float
-    margin: float | None = None
-    in_distribution: bool
-
-
-class ExpertWeight(BaseModel):
-    expert: str
-    weight: float
-
-
-class AnomalyMap(BaseModel):
-    png_base64: str  # the overlay in the request image's own geometry (aspect ratio; size up to 1024 px)
-    width: int  # of the PNG
-    height: int
-    size: int  # side of the model's square map it was drawn from
-    peak: float
-
-
-class ScoreResponse(BaseModel):
-    request_id: str
-    model: ModelInfo
-    category: str | None = None
-    category_inference: CategoryInference | None = None
-    score: float
-    normalized_score: float | None = None
-    is_anomaly: bool
-    threshold: float | None = None
-    levels: dict[str, LevelInfo]
-    experts: list[ExpertWeight]
-    timings_ms: dict[str, float]
-    anomaly_map: AnomalyMap | None = None
 
 
 ERRORS = {s: {"model": ErrorResponse, "description": d} for s, d in {
@@ -380,8 +304,11 @@ class Ingress:
                 raise ApiError(e["status"], e["code"], e["message"])
             out["timings_ms"]["ingress"] = round(1000 * (t_in - t0), 2)
             out["timings_ms"]["total"] = round(1000 * (time.perf_counter() - t0), 2)
-            rid = request.state.request_id
-            return JSONResponse({"request_id": rid, **out}, headers={"X-RateLimit-Scope": scope})
+            # the answer is built through the response model the OpenAPI document shows: a field the model lacks, or
+            # one of the wrong type, fails here (and in the tests) instead of drifting from the document
+            answer = ScoreResponse.model_validate({"request_id": request.state.request_id, **out})
+            return JSONResponse(answer.model_dump(mode="json", exclude_unset=True),
+                                headers={"X-RateLimit-Scope": scope})
         except ApiError as e:
             status, code = e.status, e.code
             raise

@@ -536,3 +536,21 @@ def test_no_secret_reaches_the_serve_config(monkeypatch, tmp_path):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and "s3cr3t-value-xyz" in open(path).read()
     with pytest.raises(ValueError, match="secrets do not go into the Serve config"):
         sc.ServeConfig(env={"AWS_SECRET_ACCESS_KEY": "x"})
+
+
+def test_answers_are_the_response_model(loaded):
+    """What score_batch answers (plus the ingress's request id and timings) is exactly what ScoreResponse, the
+    model the OpenAPI document is generated from, describes: with and without a map, a given and an inferred
+    category. A field the model lacks would fail validation (extra fields are errors)."""
+    from anomalymoe.serve.inference import score_batch
+    from anomalymoe.serve.schema import ScoreResponse
+
+    items = [{"data": png(64, 48), "category": "brick", "map": True, "enqueued": time.time()},
+             {"data": png(40, 40, seed=2), "category": None, "map": False, "enqueued": time.time()}]
+    for body in score_batch(loaded, items, "textures"):
+        body["timings_ms"].update(ingress=0.5, total=12.0)
+        answer = ScoreResponse.model_validate({"request_id": "r1", **body})
+        dumped = answer.model_dump(mode="json", exclude_unset=True)
+        assert dumped == json.loads(json.dumps({"request_id": "r1", **body}))  # nothing dropped, nothing added
+    with pytest.raises(ValueError, match="extra"):
+        ScoreResponse.model_validate({"request_id": "r", **body, "surprise": 1})
