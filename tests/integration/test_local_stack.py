@@ -43,10 +43,14 @@ def test_stack_start_twice_env_and_clean_stop(tmp_path):
         return sorted(set(pids_matching(str(root)) + pids_matching(ray_tmp)))
 
     def servers() -> list[int]:
-        """The long-lived servers (SeaweedFS, MLflow's server and workers, Ray's GCS and raylet); Ray also starts
-        and retires worker processes of its own at any time, so a count of every process is not stable."""
-        keep = ("weed", "mlflow", "gcs_server", "raylet")
-        return sorted(p for p in ours() if any(k in " ".join(cmdline(p)) for k in keep))
+        """The long-lived servers: SeaweedFS, Ray's GCS and raylet (by executable) and the MLflow server (python -m
+        mlflow). Ray also starts and retires helper processes of its own at any time (their arguments name the raylet
+        and the GCS too), so neither a count of every process nor a match on arguments is stable."""
+        def is_server(argv: list[str]) -> bool:
+            named = bool(argv) and Path(argv[0]).name in ("weed", "gcs_server", "raylet")
+            return named or argv[1:3] == ["-m", "mlflow"]
+
+        return sorted(p for p in ours() if is_server(cmdline(p)))
 
     try:
         first = _run(env, "start", "--num-cpus", "1")
