@@ -6,7 +6,7 @@ thousands of steps?). No Ray, no MLflow: it runs on a bare GPU machine (infra/gp
     python jobs/benchmark.py quality --device cuda --minutes 8 --json
     python jobs/benchmark.py quality --device cpu --steps 20 --json        # the same path, small
 
-The data are prepared exactly as the training job prepares them (ray_training.prepare: demo data, segmentation of
+The data are prepared exactly as the training job prepares them (train/job.prepare: demo data, segmentation of
 the objects' parts, the calibration hold-out); the first steps measure the end-to-end rate (decoding included), and
 the cosine schedule is then stretched over the steps that fit the budget."""
 

@@ -1,4 +1,4 @@
-# Shared by infra/local/*.sh: run one anomalymoe.platform.local_* module with this checkout's .venv (or $PYTHON),
+# Shared by infra/local/*.sh: run one anomalymoe.platform.cluster.local.* module with this checkout's .venv (or $PYTHON),
 # the state root $ANOMALYMOE_LOCAL_STACK (default <repo>/.local-stack) and this checkout on PYTHONPATH.
 # Usage (from a script in infra/local/):  source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"; run_local <module> "$@"
 run_local() {

@@ -79,7 +79,7 @@ def apply_trial(model: dict, train: dict, config: dict[str, Any]) -> tuple[dict,
 class TrialBase:
     """What every trial needs (shipped to the trial actors)."""
 
-    loop: Any  # ray_training.LoopConfig with the data; model/train/run fields are replaced per trial
+    loop: Any  # train/loop.LoopConfig with the data; model/train/run fields are replaced per trial
     model: dict
     train: dict
     experiment_id: str

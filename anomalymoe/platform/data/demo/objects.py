@@ -53,7 +53,7 @@ per part instance, unique within the image (normal parts are numbered in layout 
 gets the next free id, a moved part keeps its id).  ``instances == i`` is instance i's binary mask and
 ``labels[instances == i]`` is constant: its part-type id.
 
-Determinism: as in ``demo_data``, every sample has its own ``np.random.default_rng([seed, category_id,
+Determinism: as in ``demo.textures``, every sample has its own ``np.random.default_rng([seed, category_id,
 split_id, defect_id, index])`` stream (crc32, no Python ``hash()``) and uses only PCG64 integer/uniform
 draws; trigonometry runs on scalar polygon vertices rounded to 1/8 px, parts are rasterised with
 ``skimage.draw.polygon`` (no anti-aliasing, so part masks are exact), the tray's large regions are tested
