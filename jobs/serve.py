@@ -52,6 +52,9 @@ def _deploy(cfg: ServeConfig, address: str | None) -> dict:
     from anomalymoe.platform.cluster.ray import connect_ray
     from anomalymoe.serve.app import deploy
 
+    if not TenantStore(cfg.tenants_location).exists():  # replicas refuse a missing store: say so before deploying
+        raise SystemExit(f"no tenant store at {cfg.tenants_location}: add a tenant first (python jobs/serve.py "
+                         "tenants add <name> --domain '*'), or point tenants_uri / --tenants at the store")
     connect_ray(address)
     try:
         return deploy(cfg)
@@ -77,8 +80,6 @@ def cmd_run(args) -> int:
         print(f"  POST {base}/v1/{d}/score   {p['alias']} -> version {p['version']}")
     print(f"  GET  {base}/v1/readyz  {base}/v1/healthz  {base}/metrics")
     print("SUMMARY " + json.dumps({"url": base, "pins": pinned, "ready": ready.get("ready")}))
-    if not TenantStore(cfg.tenants_location).listing():
-        print(f"no tenants yet in {cfg.tenants_location}: python jobs/serve.py tenants add <name> --domain '*'")
     if args.detach:
         return 0
     stop = threading.Event()

@@ -554,3 +554,16 @@ def test_answers_are_the_response_model(loaded):
         assert dumped == json.loads(json.dumps({"request_id": "r1", **body}))  # nothing dropped, nothing added
     with pytest.raises(ValueError, match="extra"):
         ScoreResponse.model_validate({"request_id": "r", **body, "surprise": 1})
+
+
+def test_serve_run_without_a_tenant_store_says_so_at_once(tmp_path):
+    """Replicas refuse a missing tenant store (fail closed), so `jobs/serve.py run` checks it before deploying
+    instead of waiting for a readiness that cannot come."""
+    import subprocess
+    import sys
+
+    from anomalymoe.serve.config import REPO_ROOT
+
+    r = subprocess.run([sys.executable, "jobs/serve.py", "run", "--tenants", str(tmp_path / "none.json")],
+                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "no tenant store at" in r.stderr and "tenants add" in r.stderr
