@@ -32,7 +32,7 @@ from anomalymoe.serve.metrics import Metrics
 from anomalymoe.serve.ops import readiness, start_flusher, state_handle
 from anomalymoe.serve.ratelimit import Buckets, retry_after
 from anomalymoe.serve.schema import ErrorResponse, ScoreResponse
-from anomalymoe.serve.tenants import StoreUnavailable, Tenant, TenantCache
+from anomalymoe.serve.tenants import StoreUnavailable, Tenant, TenantCache, bearer
 
 log = logging.getLogger("ray.serve")
 
@@ -54,11 +54,10 @@ IMAGE_BODY = {"requestBody": {"required": True, "content": {
 
 # ------------------------------------------------------------------------------------------------ checks
 def bearer_key(request: Request) -> str:
-    auth = request.headers.get("authorization", "")
-    scheme, _, key = auth.partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
+    key = bearer(request.headers.get("authorization"))
+    if key is None:
         raise ApiError(401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'")
-    return key.strip()
+    return key
 
 
 def media_type(request: Request, accepted: tuple[str, ...]) -> str:

@@ -85,6 +85,12 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def bearer(authorization: str | None) -> str | None:
+    """The key of an ``Authorization: Bearer <key>`` header value, else None."""
+    scheme, _, key = (authorization or "").partition(" ")
+    return key.strip() if scheme.lower() == "bearer" and key.strip() else None
+
+
 def key_id(key: str) -> str | None:
     """The id part of a well-formed key, else None."""
     if not key.startswith(PREFIX):
@@ -422,10 +428,10 @@ class TenantCache:
     def admin(self, authorization: str | None) -> bool:
         """Whether an Authorization header carries a valid key of an admin tenant (False when keys cannot be
         checked)."""
-        scheme, _, key = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not key.strip() or self.problem():
+        key = bearer(authorization)
+        if key is None or self.problem():
             return False
-        tenant, _ = self.index.authenticate(key.strip())
+        tenant, _ = self.index.authenticate(key)
         return tenant is not None and tenant.is_admin
 
     def authenticate(self, key: str) -> tuple[Tenant | None, str]:

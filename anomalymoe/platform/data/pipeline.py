@@ -80,6 +80,23 @@ def per_category_sample(df: pd.DataFrame, max_rows: int, seed: int = 0) -> pd.Da
     return pd.concat(out) if out else df.iloc[:0]
 
 
+def _row_key(r) -> str | None:
+    """The "domain/category" of a manifest row (an itertuples row); None for rows without a domain."""
+    return f"{r.domain}/{r.category}" if hasattr(r, "domain") else None
+
+
+def decode_row(r, framing: Frame | Framing, with_labels: bool = True
+               ) -> tuple[np.ndarray, tuple[int, int], np.ndarray | None]:
+    """One manifest row through its category's frame: the uint8 image, the image's own (width, height), and, when
+    asked for and the row has one, its component label map through the same frame (else None). What both the
+    in-process loader and the Ray Data decode tasks do per row."""
+    geometry = framing.for_key(_row_key(r))
+    rgb, size = decode_sized(storage.read_bytes(r.uri), geometry)
+    cm = getattr(r, "component_mask_uri", None)
+    has = with_labels and isinstance(cm, str) and bool(cm)
+    return rgb, size, decode_label_map(storage.read_bytes(cm), geometry, size) if has else None
+
+
 def load_rows(rows: pd.DataFrame, frame: int | Frame | Framing, kept: dict[str, list[int]] | None = None,
               threads: int = 0, sizes: list[tuple[int, int]] | None = None) -> tuple[Tensor, list[Tensor | None]]:
     """Decode a batch of manifest rows: images and, where the row has a component label map and its
@@ -90,14 +107,9 @@ def load_rows(rows: pd.DataFrame, frame: int | Frame | Framing, kept: dict[str, 
     framing = Frame.of(frame)
 
     def one(r) -> tuple[Tensor, Tensor | None, tuple[int, int]]:
-        key = f"{r.domain}/{r.category}" if hasattr(r, "domain") else None
-        geometry = framing.for_key(key)
-        rgb, size = decode_sized(storage.read_bytes(r.uri), geometry)
-        cm = getattr(r, "component_mask_uri", None)
-        if cm and isinstance(cm, str) and key in (kept or {}):
-            labels = decode_label_map(storage.read_bytes(cm), geometry, size)
-            return to_tensor(rgb), component_masks(labels, kept[key]), size
-        return to_tensor(rgb), None, size
+        key = _row_key(r)
+        rgb, size, labels = decode_row(r, framing, with_labels=key in (kept or {}))
+        return to_tensor(rgb), None if labels is None else component_masks(labels, kept[key]), size
 
     items = list(rows.itertuples(index=False))
     decoded = list(decode_pool(threads).map(one, items)) if threads > 1 and len(items) > 1 else map(one, items)
@@ -238,15 +250,12 @@ def ray_rows(rows: pd.DataFrame, frame: int | Frame | Framing, *, read_concurren
     def decode(batch: pd.DataFrame) -> pd.DataFrame:
         imgs, labs, has, widths, heights = [], [], [], [], []
         for r in batch.itertuples(index=False):
-            geometry = framing.for_key(f"{r.domain}/{r.category}")
-            rgb, (w, h) = decode_sized(storage.read_bytes(r.uri), geometry)
+            rgb, (w, h), labels = decode_row(r, framing)
             imgs.append(rgb)
             widths.append(w)
             heights.append(h)
-            cm = getattr(r, "component_mask_uri", None)
-            has.append(isinstance(cm, str) and bool(cm))
-            labs.append(decode_label_map(storage.read_bytes(cm), geometry, (w, h)) if has[-1]
-                        else np.zeros((geometry.size,) * 2, np.uint8))
+            has.append(labels is not None)
+            labs.append(labels if labels is not None else np.zeros((framing.size,) * 2, np.uint8))
         out = batch.copy()
         out["image"], out["labels"], out["has_labels"] = imgs, labs, has
         out["width"], out["height"] = widths, heights

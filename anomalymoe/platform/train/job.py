@@ -1,17 +1,7 @@
 """A training job, the driver's side: the JobSpec (what to train, on what, where), preparing the data and parts,
 running the worker loop (train/loop.py) on Ray Train inside an MLflow run (tracking/runs.py), and the finish:
 calibrate, evaluate, save, log, register.
-
-Data parallel, with our own gradient averaging (distributed.average_gradients) instead of DDP's wrapper: the
-experts are sparse, so a rank may have no gradient for an expert another rank used; averaging fills zeros
-and keeps every rank's parameters identical. Each step's global batch is fixed by (data, seed, global batch)
-(pipeline.step_rows) and rank r decodes its slice through Ray Data (pipeline.ray_rows), so 1 and 2 workers
-see the same images per step and a resumed run continues the same stream.
-
-Checkpoints (checkpoint.save_training_state: trainable weights, both optimisers, step, every RNG, configs) go
-to the run's storage (local or s3://) every `checkpoint_every` steps through ``ray.train.report``. A restarted
-worker group (FailureConfig retries) or a rerun with the same run name and storage resumes from the latest
-one; the step-indexed data stream makes the resumed run end at exactly the configured step."""
+How the workers train, checkpoint and resume: train/loop.py."""
 
 from __future__ import annotations
 
