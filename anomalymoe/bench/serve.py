@@ -211,6 +211,7 @@ def bench_serve(args) -> dict:
         from ray import serve
 
         from anomalymoe.models.artifact import save_artifact
+        from anomalymoe.models.calibration import fit_calibration
         from anomalymoe.platform.cluster.local.proc import free_port
         from anomalymoe.platform.data.demo.textures import generate_textures
         from anomalymoe.platform.data.pipeline import load_rows
@@ -233,7 +234,7 @@ def bench_serve(args) -> dict:
         train = df[df["split"] == "train"]
         images, masks = load_rows(train, Framing.for_model(mcfg))
         with torch.no_grad():
-            model.fit_calibration([(images, masks, (train["domain"] + "/" + train["category"]).tolist())])
+            fit_calibration(model, [(images, masks, (train["domain"] + "/" + train["category"]).tolist())])
         art = save_artifact(model, tmp / "artifact")
         del model, images, masks
         mlflow.set_tracking_uri(registry.tracking_uri())

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -33,15 +32,8 @@ from anomalymoe.models.parts import Parts, bank_scores
 from anomalymoe.models.precision import autocast, fp32
 from anomalymoe.models.router import Router, Routing
 from anomalymoe.models.scoring import (
-    DEFAULT_KEY,
     Calibration,
     LevelNorm,
-    SlotStats,
-    fit_level_norms,
-    fit_level_weights,
-    fit_prototypes,
-    fit_score_norms,
-    fit_slot_norms,
     fuse,
     smooth,
     top_ratio_score,
@@ -118,9 +110,11 @@ class AnomalyMoE(nn.Module):
         self.component_experts = nn.ModuleList(ComponentExpert(dim, cfg.component) for _ in range(cfg.component.num))
         self.router = Router(dim, cfg.num_experts, cfg.router)
         self.mi_estimator = MIEstimator(dim)
-        self.calibration = Calibration()  # fitted on normal images, saved as calibration.json
+        # fitted on normal images (calibration.fit_calibration), saved as calibration.json
+        self.calibration = Calibration()
         # per-category part segmentation (models/parts.py), saved as parts.safetensors: an image of a category it
-        # covers gets its component masks from the model's own backbone pass, on every path
+        # covers gets its component masks from the model's own backbone pass, on every path; its part bank is fitted
+        # by calibration.fit_part_bank
         self.parts = Parts()
         # mixed precision of predict / calibration: None = the device's rule (bf16 autocast on CUDA, float32 on a
         # CPU; precision.py), or "bf16" / "fp32". Not part of the config: the same artifact runs on either device.
@@ -445,7 +439,7 @@ class AnomalyMoE(nn.Module):
         bank or the slot is empty)."""
         dev = out.comp_feats.device
         res = torch.full((out.comp_feats.shape[0],), math.nan, device=dev)
-        feats = self._bank_features(out)
+        feats = self.bank_features(out)
         rows: dict[str, list[int]] = {}  # category -> first component row of each of its images (one einsum each)
         start = 0
         for m, c in zip(out.masks, out.categories or [None] * out.batch_size, strict=True):
@@ -461,7 +455,7 @@ class AnomalyMoE(nn.Module):
             res[idx] = got.flatten()
         return torch.where(out.comp_valid, res, torch.full_like(res, math.nan))
 
-    def _bank_features(self, out: MoEOutput) -> Tensor:
+    def bank_features(self, out: MoEOutput) -> Tensor:
         """[K, C(+3)] unit rows: each slot's pooled feature (the component experts' input), with the slot's mean
         colour appended at the segmentation's colour weight (as parts are told apart: DINO features see shape more
         than colour)."""
@@ -485,32 +479,6 @@ class AnomalyMoE(nn.Module):
             zb = (self.part_bank_scores(out) - sn[:, 3]) / (sn[:, 4] - sn[:, 3]).clamp_min(1e-12)
         has = torch.isfinite(zb) & out.comp_valid
         return torch.where(has, zb if mode == "bank" else torch.maximum(z, zb), z)
-
-    @torch.no_grad()
-    def fit_part_bank(self, batches: Iterable[tuple[Tensor, list | None, list[str | None]]],
-                      max_images: int = 256) -> dict[str, int]:
-        """Store, per category the part segmentation covers, every slot's unit feature on up to `max_images` normal
-        *training* images (parts.CategoryParts.bank): what bank_scores compares a part with. Fitted after training,
-        before calibration (whose held-out images must not be in it). Returns the images kept per category."""
-        was_training = self.training
-        self.eval()
-        rows: dict[str, list[Tensor]] = {}
-        try:
-            for images, masks, cats in batches:
-                with autocast(images.device, self.inference_precision):
-                    out = self(images, masks, compute_targets=False, categories=cats)
-                feats = self._bank_features(out) * out.comp_valid[:, None]
-                counts = [0 if m is None else m.shape[0] for m in out.masks]
-                for f, c in zip(feats.split(counts), cats or [None] * images.shape[0], strict=True):
-                    if f.shape[0] and self.parts.covers(c) and len(rows.setdefault(c, [])) < max_images:
-                        rows[c].append(f.cpu().half())
-        finally:
-            self.train(was_training)
-        for c, fs in rows.items():
-            n = len(self.parts.categories[c].kept)
-            fs = [f for f in fs if f.shape[0] == n]
-            self.parts.categories[c].bank = torch.stack(fs) if fs else None
-        return {c: len(fs) for c, fs in rows.items()}
 
     def level_mass(self, routing: Routing) -> Tensor:
         """[B, 3] routing mass per level (used by the `routing` fusion rule and for explanations)."""
@@ -567,113 +535,6 @@ class AnomalyMoE(nn.Module):
                               list(lay_scores.cpu().split(counts)))
         finally:
             self.train(was_training)
-
-    @torch.no_grad()
-    def fit_calibration(self, batches: Iterable[tuple[Tensor, list | None, list[str | None]]]
-                        | Callable[[], Iterable[tuple[Tensor, list | None, list[str | None]]]],
-                        defects: Callable[[Tensor, list, int], Tensor] | None = None) -> Calibration:
-        """Fit component-slot, level and score normalisation on *normal* images (never the test split).
-        batches yield (images, masks, categories); pass a zero-argument callable to stream them (slot statistics
-        first), else they are held in memory. Level maps are kept in float16 between the level and score fits, so
-        memory grows with the calibration set, not with the data.
-
-        defects(images, masks, first_index) -> defective copies: synthetic defects made from each normal image and
-        its part masks (platform/validation.synthetic_defects). With it, and ScoringConfig.fit_level_weights, each
-        category's fusion weights are chosen to separate its calibration images from their defective copies
-        (scoring.fit_level_weights) before the thresholds are fitted with them."""
-        sc = self.cfg.scoring
-        if not callable(batches):
-            batches = (lambda held: (lambda: held))(list(batches))
-        slots = Calibration()
-        if (sc.component_slot_norm or sc.part_layout) and self.cfg.component.num:
-            stats, (covs, cols) = self._slot_scores(batches())
-            if sc.component_slot_norm:
-                slots.components = fit_slot_norms(stats, sc)
-            if sc.part_layout:
-                slots.layouts = layout.fit_layouts(covs, sc.threshold_quantile, cols)
-        kept, embeddings = [], []
-        for images, masks, cats in batches():
-            p = self.predict(images, masks, cats, slots)
-            cats = list(cats) if cats else [None] * images.shape[0]
-            kept.append((p.level_maps, p.present, p.level_mass, cats, p.masks))
-            embeddings.append((p.embedding, cats))
-        levels = fit_level_norms(((({k: v.float() for k, v in m.items()}), pr) for m, pr, *_ in kept), sc)
-        cal = Calibration(levels=levels, components=slots.components, prototypes=fit_prototypes(embeddings),
-                          layouts=slots.layouts)
-        if defects is not None and sc.fit_level_weights and sc.fusion == "mean":
-            cal.weights = self._fit_weights(batches, kept, cal, defects)
-        by_cat: dict[str, list[float]] = {}
-        for m, pr, mass, cats, _ in kept:
-            fused = smooth(fuse({k: v.float() for k, v in m.items()}, pr, mass, cal, sc, cal.level_weights(cats, sc)),
-                           sc.smooth_kernel, sc.smooth_sigma)
-            for c, s in zip(cats, top_ratio_score(fused, sc.top_ratio).tolist(), strict=True):
-                by_cat.setdefault(c or DEFAULT_KEY, []).append(s)
-        cal.scores = fit_score_norms(by_cat, sc)
-        self.calibration = cal
-        return cal
-
-    def _fit_weights(self, batches: Callable[[], Iterable], kept: list, cal: Calibration,
-                     defects: Callable[[Tensor, list, int], Tensor], variants: int = 4) -> dict[str, list[float]]:
-        """Level maps of `variants` defective copies of every calibration image (stream indices i + v * 10007, so
-        the maker's local / logical alternation gives each image both kinds), then scoring.fit_level_weights."""
-        normal, bad, first = [], [], 0
-        for (images, _, _), (m, pr, _, kcats, masks) in zip(batches(), kept, strict=True):
-            dev_masks = [None if x is None else x.to(images.device) for x in masks]
-            for i, c in enumerate(kcats):
-                if c is not None:
-                    normal.append(({lv: m[lv][i] for lv in LEVELS}, pr[i], c))
-            for v in range(variants):
-                q = self.predict(defects(images, dev_masks, first + v * 10007), None, kcats, cal)
-                bad += [({lv: q.level_maps[lv][i] for lv in LEVELS}, q.present[i], c) for i, c in enumerate(kcats)
-                        if c is not None]
-            first += images.shape[0]
-        return fit_level_weights(normal, bad, cal, self.cfg.scoring)
-
-    @torch.no_grad()
-    def _slot_scores(self, batches: Iterable[tuple[Tensor, list | None, list[str | None]]]
-                     ) -> tuple[dict[str, list[SlotStats]], tuple[dict[str, list[Tensor]], dict[str, list[Tensor]]]]:
-        """Per category and slot index: raw scores of the routed, present slots, and how often the slot
-        was routed and present; and per category every image's slot coverage on the layout grid and slot colours."""
-        was_training = self.training
-        self.eval()
-        by_cat: dict[str, list[SlotStats]] = {}
-        covs: dict[str, list[Tensor]] = {}
-        cols: dict[str, list[Tensor]] = {}
-        try:
-            for images, masks, cats in batches:
-                with autocast(images.device, self.inference_precision):
-                    out = self(images, masks, compute_targets=False, categories=cats)
-                s, used = self.component_scores(out)
-                bank = self.part_bank_scores(out).tolist()
-                s, used, valid = s.tolist(), used.tolist(), out.comp_valid.tolist()
-                colour = out.comp_colour.cpu() if out.comp_colour is not None else None
-                start = 0
-                for m, c in zip(out.masks, cats or [None] * images.shape[0], strict=True):
-                    n = 0 if m is None else m.shape[0]
-                    if n and c is not None:
-                        covs.setdefault(c, []).append(layout.coverage(m).cpu())
-                        cols.setdefault(c, []).append(colour[start : start + n])
-                    per = by_cat.setdefault(c or DEFAULT_KEY, [])
-                    per.extend(SlotStats() for _ in range(n - len(per)))
-                    for i in range(n):
-                        r = start + i
-                        if used[r]:
-                            per[i].seen += 1
-                            per[i].present += valid[r]
-                            if valid[r]:
-                                per[i].scores.append(s[r])
-                                if not math.isnan(bank[r]):
-                                    per[i].bank.append(bank[r])
-                    start += n
-        finally:
-            self.train(was_training)
-        # a category's images can differ in slot count only if they came with their own label maps: keep the most
-        # common count
-        for c, rows in covs.items():
-            n = max({r.shape[0] for r in rows}, key=[r.shape[0] for r in rows].count)
-            covs[c] = [r for r in rows if r.shape[0] == n]
-            cols[c] = [r for r in cols[c] if r.shape[0] == n]
-        return by_cat, (covs, cols)
 
 
 @dataclass

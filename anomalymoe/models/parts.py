@@ -143,7 +143,7 @@ class CategoryParts:
     kept: list[int]  # clusters (0-based) that are parts, in slot order
     info: dict = field(default_factory=dict)  # how it was fitted (images, votes, source), for the log and the card
     # what each part looks like on normal training images: [N, K, C] float16 unit slot features (the component
-    # experts' input), a zero row where that image lacked the slot; None until fit_part_bank (bank_scores)
+    # experts' input), a zero row where that image lacked the slot; None until calibration.fit_part_bank (bank_scores)
     bank: Tensor | None = None
     _on_device: dict = field(default_factory=dict, repr=False, compare=False)  # device -> (bank, its copy there)
 

@@ -2,15 +2,14 @@
 
 The reference min-max normalises each level over the whole *test set* of a class (METHOD.md §5 #5):
 scores then depend on the other test images and cannot be streamed. Here every statistic comes from
-normal (validation) images and is frozen into ``calibration.json``."""
+normal (validation) images and is frozen into ``calibration.json``: what it holds (``Calibration``) and how scoring
+applies it are here; how it is fitted is calibration.py."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -70,7 +69,8 @@ class Calibration:
     # per category: where each component slot normally is (models/layout.py), one SlotLayout per slot
     layouts: dict[str, list[SlotLayout]] = field(default_factory=dict)
     # per category: fusion weights of the levels (patch, global, component), fitted on normal images and synthetic
-    # defects made from them (fit_level_weights); a category without an entry uses ScoringConfig.level_weights
+    # defects made from them (calibration.fit_level_weights); a category without an entry uses
+    # ScoringConfig.level_weights
     weights: dict[str, list[float]] = field(default_factory=dict)
 
     @property
@@ -200,155 +200,3 @@ def fuse(
     else:
         w = level_mass.to(normed.dtype)[:, :, None, None] * used
     return (normed * w).sum(1) / w.sum(1).clamp_min(1e-12)
-
-
-class QuantileSketch:
-    """Bounded reservoir of values for quantile estimates over many images (seeded, deterministic)."""
-
-    def __init__(self, capacity: int = 200_000, seed: int = 0):
-        self.capacity, self.rng = capacity, np.random.default_rng(seed)
-        self.values: list[np.ndarray] = []
-        self.count = 0
-
-    def add(self, x: Tensor | np.ndarray, per_item: int = 4096) -> None:
-        a = x.detach().float().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x, np.float32)
-        a = a.reshape(-1)
-        if a.size > per_item:
-            a = self.rng.choice(a, per_item, replace=False)
-        self.values.append(a.astype(np.float32))
-        self.count += a.size
-        if self.count > 2 * self.capacity:
-            allv = np.concatenate(self.values)
-            self.values = [self.rng.choice(allv, self.capacity, replace=False)]
-            self.count = self.capacity
-
-    def quantile(self, q: float) -> float:
-        return float(np.quantile(np.concatenate(self.values), q)) if self.values else float("nan")
-
-
-def fit_level_norms(level_batches: Iterable[tuple[dict[str, Tensor], Tensor]], cfg: ScoringConfig
-                    ) -> dict[str, LevelNorm]:
-    """Quantiles q_low / q_high of each level's pixel values on normal images, over the images that
-    level was used on. A level never used keeps the identity."""
-    sketches = {lv: QuantileSketch(seed=i) for i, lv in enumerate(LEVELS)}
-    for maps, present in level_batches:
-        for i, lv in enumerate(LEVELS):
-            rows = present[:, i]
-            if rows.any():
-                sketches[lv].add(maps[lv][rows])
-    out = {}
-    for lv, sk in sketches.items():
-        if sk.count:
-            lo, hi = sk.quantile(cfg.q_low), sk.quantile(cfg.q_high)
-            # A near-degenerate normal distribution (e.g. component maps that are 0 almost everywhere)
-            # must not blow a level up by 1/(hi-lo): the spread is at least 5% of the level's scale.
-            spread = max(hi - lo, 0.05 * max(abs(hi), abs(lo)), 1e-8)
-            out[lv] = LevelNorm(lo, lo + spread)
-    return out
-
-
-def fit_score_norms(scores_by_category: dict[str, list[float]], cfg: ScoringConfig) -> dict[str, ScoreNorm]:
-    """Per-category median and threshold (a high quantile) of normal-image scores, plus a pooled
-    `_default` for categories the calibration never saw."""
-    out = {}
-    pooled = [s for v in scores_by_category.values() for s in v]
-    for key, vals in [*scores_by_category.items(), (DEFAULT_KEY, pooled)]:
-        if not vals:
-            continue
-        a = np.asarray(vals, dtype=np.float64)
-        out[key] = ScoreNorm(float(np.median(a)), float(np.quantile(a, cfg.threshold_quantile)), int(a.size))
-    return out
-
-
-@dataclass
-class SlotStats:
-    """What calibration collects per category and slot: scores of the present slot, and in how many
-    images the slot was looked at (routed) and present."""
-
-    scores: list[float] = field(default_factory=list)
-    seen: int = 0
-    present: int = 0
-    bank: list[float] = field(default_factory=list)  # part-bank scores of the present slot (where there is a bank)
-
-
-def fit_slot_norms(stats: dict[str, list[SlotStats]], cfg: ScoringConfig) -> dict[str, list[SlotNorm]]:
-    """Per category and component slot: low = median of normal scores, high = their threshold quantile,
-    presence = share of normal images that have the slot. The spread is at least 10% of the median, so a
-    slot seen on few images cannot blow up. A slot with no normal score keeps the identity."""
-    out = {}
-    for key, slots in stats.items():
-        norms = []
-        for st in slots:
-            presence = st.present / st.seen if st.seen else 0.0
-            if not st.scores:
-                norms.append(SlotNorm(presence=presence))
-                continue
-            lo, hi = _range(st.scores, cfg.threshold_quantile)
-            norms.append(SlotNorm(lo, hi, presence, *(_range(st.bank, cfg.threshold_quantile) if st.bank
-                                                      else (math.inf, math.inf))))
-        out[key] = norms
-    return out
-
-
-def _range(values: list[float], quantile: float) -> tuple[float, float]:
-    """(median, high quantile) of normal scores; the spread is at least 10% of the median."""
-    a = np.asarray(values, dtype=np.float64)
-    lo = float(np.median(a))
-    return lo, lo + max(float(np.quantile(a, quantile)) - lo, 0.1 * abs(lo), 1e-6)
-
-
-def fit_prototypes(embeddings: Iterable[tuple[Tensor, list[str | None]]]) -> dict[str, dict]:
-    """Per category: the normalised mean of its images' unit embeddings and the lowest cosine similarity one of
-    them has to it (images without a category are left out)."""
-    by_cat: dict[str, list[Tensor]] = {}
-    for emb, cats in embeddings:
-        for e, c in zip(F.normalize(emb.float(), dim=1), cats, strict=True):
-            if c is not None:
-                by_cat.setdefault(c, []).append(e)
-    out = {}
-    for c, rows in sorted(by_cat.items()):
-        x = torch.stack(rows)
-        v = F.normalize(x.mean(0), dim=0)
-        out[c] = {"vector": v.tolist(), "floor": float((x @ v).min())}
-    return out
-
-
-WEIGHT_GRID = (0.0, 0.5, 1.0, 2.0)
-
-
-def fit_level_weights(normal: list[tuple[dict[str, Tensor], Tensor, str]], defective: list[tuple[dict[str, Tensor],
-                      Tensor, str]], cal: Calibration, cfg: ScoringConfig, min_images: int = 4
-                      ) -> dict[str, list[float]]:
-    """Per category: the fusion weights (patch, global, component) from WEIGHT_GRID that best separate its normal
-    images from their synthetic defects: the highest image AUROC of the fused, smoothed top-ratio score (to 3
-    decimals), then the widest gap (mean defective minus mean normal score, in normal standard deviations: AUROC
-    saturates on easy synthetic defects, the gap does not), then the weights nearest equal ones. Inputs are (raw
-    level maps of one image [3 x (H, W)], present [3], category) on normal and defective copies. A category with
-    fewer than `min_images` of either keeps the config's weights."""
-    from itertools import product
-
-    from sklearn.metrics import roc_auc_score
-
-    out = {}
-    cats = sorted({c for _, _, c in normal})
-    combos = [w for w in product(WEIGHT_GRID, repeat=len(LEVELS)) if sum(w) > 0]
-    for cat in cats:
-        rows = [(m, p, 0) for m, p, c in normal if c == cat] + [(m, p, 1) for m, p, c in defective if c == cat]
-        if sum(lab == 0 for *_, lab in rows) < min_images or sum(lab == 1 for *_, lab in rows) < min_images:
-            continue
-        maps = {lv: torch.stack([m[lv] for m, _, _ in rows]).float() for lv in LEVELS}
-        present = torch.stack([p for _, p, _ in rows])
-        labels = [lab for *_, lab in rows]
-        best, best_key = None, None
-        for w in combos:
-            fused = smooth(fuse(maps, present, present.float(), cal, cfg, torch.tensor([w]).expand(len(rows), -1)),
-                           cfg.smooth_kernel, cfg.smooth_sigma)
-            scores = top_ratio_score(fused, cfg.top_ratio)
-            auc = roc_auc_score(labels, scores.numpy())
-            lab = torch.tensor(labels, dtype=torch.bool)
-            gap = float((scores[lab].mean() - scores[~lab].mean()) / scores[~lab].std().clamp_min(1e-6))
-            key = (round(auc, 3), round(gap, 3), -sum((x - 1.0) ** 2 for x in w))
-            if best_key is None or key > best_key:
-                best, best_key = list(w), key
-        out[cat] = best
-    return out

@@ -19,6 +19,7 @@ from PIL import Image
 
 from anomalymoe.bench.model import synthetic_batch
 from anomalymoe.models.artifact import load_artifact, save_artifact
+from anomalymoe.models.calibration import fit_calibration
 from anomalymoe.models.config import presets
 from anomalymoe.models.model import AnomalyMoE
 from anomalymoe.platform.train.distributed import average_gradients, mean_over_ranks
@@ -80,8 +81,8 @@ def test_calibration_with_masks_and_predict_on_cuda_track_the_cpu():
     gpu.load_state_dict(cpu.state_dict())
     images, masks = synthetic_batch(8, 56, 3, seed=2)
     cats = ["a"] * 8
-    cal_cpu = cpu.fit_calibration([(images, masks, cats)])
-    cal_gpu = gpu.fit_calibration([(*_on_cuda(images, masks), cats)])  # bf16 autocast (CUDA's rule)
+    cal_cpu = fit_calibration(cpu, [(images, masks, cats)])
+    cal_gpu = fit_calibration(gpu, [(*_on_cuda(images, masks), cats)])  # bf16 autocast (CUDA's rule)
     assert cal_gpu.components and cal_gpu.scores["a"].n == 8
     assert cal_gpu.scores["a"].threshold == pytest.approx(cal_cpu.scores["a"].threshold, rel=0.1)
     p_cpu = cpu.predict(images, masks, cats)
@@ -132,7 +133,7 @@ def test_evaluation_artifact_round_trip_and_serving_batch_on_cuda(tmp_path):
     manifest = pd.DataFrame(rows)
     model = _tiny().to_device(CUDA)
     normal = torch.from_numpy(rng.integers(80, 120, (6, 64, 64, 3)).astype(np.float32) / 255).permute(0, 3, 1, 2)
-    model.fit_calibration([(torch.nn.functional.interpolate(normal, size=56).to(CUDA), None, ["d/c"] * 6)])
+    fit_calibration(model, [(torch.nn.functional.interpolate(normal, size=56).to(CUDA), None, ["d/c"] * 6)])
     report = evaluate(model, manifest, out_dir=tmp_path / "eval", batch_size=4, progress=False)
     assert report["device"].startswith("cuda") and report["num_images"] == 8
     assert (tmp_path / "eval" / "scores.csv").is_file()

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from anomalymoe.models.backbone import Backbone
+from anomalymoe.models.calibration import fit_calibration
 from anomalymoe.models.config import presets
 from anomalymoe.models.model import AnomalyMoE
 from anomalymoe.platform.data.demo.textures import generate_textures
@@ -118,7 +119,7 @@ def test_evaluate_from_s3_matches_local_copy(s3, s3_prefix, tmp_path):
     model = AnomalyMoE(cfg).eval()
     train = local[local["split"] == "train"]
     images, masks = load_rows(train, cfg.backbone.img_size)
-    model.fit_calibration([(images, masks, train["category"].tolist())])
+    fit_calibration(model, [(images, masks, train["category"].tolist())])
 
     def test_rows(df):
         return df[df["split"] == "test"].reset_index(drop=True)

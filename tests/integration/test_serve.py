@@ -82,6 +82,7 @@ def service(ray_head, mlflow_server, s3, tmp_path_factory):
     import torch
     from ray import serve
 
+    from anomalymoe.models.calibration import fit_calibration
     from anomalymoe.models.config import presets
     from anomalymoe.models.model import AnomalyMoE
     from anomalymoe.models.parts import Parts
@@ -116,7 +117,7 @@ def service(ray_head, mlflow_server, s3, tmp_path_factory):
                 cp.kept = list(range(cp.k))
                 model.parts.categories[key] = cp
             images, _ = load_rows(train, model.cfg.backbone.img_size)
-            model.fit_calibration([(images, None, row_keys(train))])
+            fit_calibration(model, [(images, None, row_keys(train))])
             versions[name] = _register(model, df, tmp / name)
         registry.client().set_registered_model_alias(registry.model_name(DOMAIN), registry.CHAMPION, versions["v1"])
 

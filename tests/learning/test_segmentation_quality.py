@@ -84,6 +84,7 @@ def test_category_inference_names_every_demo_test_image(segmented, tmp_path):
     import pandas as pd
     import torch
 
+    from anomalymoe.models.calibration import fit_calibration
     from anomalymoe.models.config import presets
     from anomalymoe.models.model import AnomalyMoE
     from anomalymoe.platform.data.demo.textures import generate_textures
@@ -97,8 +98,8 @@ def test_category_inference_names_every_demo_test_image(segmented, tmp_path):
     model = AnomalyMoE(presets()["cpu-small"], backbone=backbone).eval()
     frame = Frame.for_backbone(model.cfg.backbone)
     train = df[df["split"] == "train"].groupby(["domain", "category"]).head(8)
-    model.fit_calibration([(load_rows(train.iloc[i : i + 8], frame)[0], None, row_keys(train.iloc[i : i + 8]))
-                           for i in range(0, len(train), 8)])
+    fit_calibration(model, [(load_rows(train.iloc[i : i + 8], frame)[0], None, row_keys(train.iloc[i : i + 8]))
+                            for i in range(0, len(train), 8)])
     test = df[df["split"] == "test"]
     got, info = [], []
     for i in range(0, len(test), 16):

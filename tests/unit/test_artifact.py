@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from anomalymoe.models.artifact import FORMAT, ArtifactError, load_artifact, read_metrics, save_artifact
 from anomalymoe.models.backbone import Backbone, tensors_sha256
+from anomalymoe.models.calibration import fit_calibration
 from anomalymoe.models.config import ModelConfig, presets
 from anomalymoe.models.model import AnomalyMoE
 from anomalymoe.models.scoring import Calibration
@@ -73,7 +74,7 @@ def saved(tmp_path_factory) -> tuple[AnomalyMoE, Path]:
     """A calibrated tiny model and its artifact (read-only: tests that break it work on a copy)."""
     model = _model()
     images, masks = _batch(seed=3)
-    model.fit_calibration([(images, masks, CATS)])
+    fit_calibration(model, [(images, masks, CATS)])
     d = save_artifact(model, tmp_path_factory.mktemp("artifact") / "run", metrics={"auroc": 0.5},
                       extra={"note": "unit"})
     return model, d

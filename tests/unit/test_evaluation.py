@@ -15,6 +15,7 @@ from PIL import Image
 
 from anomalymoe.models.artifact import load_artifact, save_artifact
 from anomalymoe.models.backbone import Backbone
+from anomalymoe.models.calibration import fit_calibration
 from anomalymoe.models.model import AnomalyMoE
 from anomalymoe.platform.data.demo.objects import DEFECT_GROUPS, generate_objects
 from anomalymoe.platform.data.demo.textures import generate_textures
@@ -64,7 +65,7 @@ def build_setup(root: Path):
                                 progress=False)
     train = df[df["split"] == "train"]
     images, masks = load_rows(train, model.cfg.backbone.img_size, kept)
-    model.fit_calibration([(images, masks, train["category"].tolist())])
+    fit_calibration(model, [(images, masks, train["category"].tolist())])
     return model, df[df["split"] == "test"].reset_index(drop=True), kept
 
 

@@ -6,6 +6,7 @@ import statistics
 import pytest
 import torch
 
+from anomalymoe.models.calibration import fit_calibration
 from anomalymoe.models.config import LEVELS, ModelConfig, RouterConfig
 from anomalymoe.models.experts.component import component_features
 from anomalymoe.models.experts.global_expert import GlobalExpert
@@ -239,7 +240,7 @@ def test_eval_is_deterministic_and_calibration_uses_normals(model):
     assert torch.equal(p1.anomaly_map, p2.anomaly_map)
     assert torch.isnan(p1.normalized_score).all()  # uncalibrated: no threshold yet
     cats = ["a", "b"] * 3
-    cal = model.fit_calibration([(images, masks, cats)])
+    cal = fit_calibration(model, [(images, masks, cats)])
     assert set(cal.scores) == {"a", "b", "_default"} and set(cal.levels) <= set(LEVELS)
     p = model.predict(images, masks, cats)
     for c in ("a", "b"):
@@ -331,8 +332,8 @@ def test_component_slots_are_normalised_per_category_on_normal_images(tiny_cfg):
         for i, c in enumerate(cats):
             raw[c][0].append(float(s[2 * i]))
             raw[c][1].append(float(s[2 * i + 1]))
-    streamed = m.fit_calibration(lambda: iter(batches))  # a callable is streamed twice
-    held = m.fit_calibration(batches)  # an iterable is held in memory: same result
+    streamed = fit_calibration(m, lambda: iter(batches))  # a callable is streamed twice
+    held = fit_calibration(m, batches)  # an iterable is held in memory: same result
     assert streamed == held
     cal = m.calibration
     assert set(cal.components) == {"a", "b"} and all(len(v) == 2 for v in cal.components.values())
@@ -367,12 +368,12 @@ def test_missing_part_counts_only_for_slots_normal_images_always_have(tiny_cfg):
     test_img = torch.rand(1, 3, 56, 56, generator=g)
     lacking = _slot_masks(1, empty_second=True)
 
-    m.fit_calibration([(images, always, ["a"] * 6)])
+    fit_calibration(m, [(images, always, ["a"] * 6)])
     assert [n.presence for n in m.calibration.components["a"]] == [1.0, 1.0]
     reliable = m.predict(test_img, lacking, ["a"]).component_scores[0][1]
     assert reliable >= m.cfg.scoring.missing_part_score  # far above the slot's normal range (high = 1)
 
-    m.fit_calibration([(images, flaky, ["a"] * 6)])
+    fit_calibration(m, [(images, flaky, ["a"] * 6)])
     assert [n.presence for n in m.calibration.components["a"]] == [1.0, 0.5]
     p = m.predict(test_img, lacking, ["a"])
     assert p.component_scores[0][1] == 0.0

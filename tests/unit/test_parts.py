@@ -1,5 +1,5 @@
 """Part masks inside the model (models/parts.py), where parts normally are (models/layout.py), category inference
-(scoring.Calibration.infer_categories), fusion weights fitted on synthetic defects (scoring.fit_level_weights) and
+(scoring.Calibration.infer_categories), fusion weights fitted on synthetic defects (calibration.fit_level_weights) and
 the synthetic logical defects themselves (platform/validation.logical_defects)."""
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from PIL import Image
 
 from anomalymoe.models import layout
 from anomalymoe.models.artifact import load_artifact, save_artifact
+from anomalymoe.models.calibration import fit_calibration, fit_level_weights, fit_part_bank
 from anomalymoe.models.config import LEVELS, ScoringConfig, presets
 from anomalymoe.models.model import AnomalyMoE
 from anomalymoe.models.parts import CategoryParts, PartParams, Parts, bank_scores, resize_labels, slot_masks
-from anomalymoe.models.scoring import Calibration, LevelNorm, fit_level_weights
+from anomalymoe.models.scoring import Calibration, LevelNorm
 from anomalymoe.platform.train.validation import logical_defects, synthetic_defects
 
 
@@ -70,7 +71,7 @@ def test_parts_survive_the_artifact_and_predictions_match(tmp_path):
     model = _tiny_with_parts()
     g = torch.Generator().manual_seed(2)
     batches = [(torch.rand(4, 3, 56, 56, generator=g), None, ["d/a", "d/a", "d/b", "d/b"]) for _ in range(2)]
-    model.fit_calibration(batches)
+    fit_calibration(model, batches)
     save_artifact(model, tmp_path / "m")
     loaded = load_artifact(tmp_path / "m")
     assert set(loaded.parts.categories) == {"d/a", "d/b"} and loaded.parts.params == model.parts.params
@@ -142,12 +143,12 @@ def test_part_bank_flags_a_recoloured_part_and_survives_the_artifact(tmp_path):
     model.cfg.scoring.fit_level_weights = False
     masks = [torch.stack([_square(20, 20, 56, 14)])] * 8  # one slot: the square
     train, held = _coloured((0.8, 0.1, 0.1), 8, 0), _coloured((0.8, 0.1, 0.1), 8, 1)
-    kept = model.fit_part_bank([(train, masks, ["d/x"] * 8)])
+    kept = fit_part_bank(model, [(train, masks, ["d/x"] * 8)])
     assert kept == {}  # "d/x" is not a category the segmentation covers: no bank
     model.parts.categories["d/x"] = CategoryParts(model.parts.categories["d/a"].centers.clone(), [0])
-    assert model.fit_part_bank([(train, masks, ["d/x"] * 8)], max_images=5) == {"d/x": 5}
+    assert fit_part_bank(model, [(train, masks, ["d/x"] * 8)], max_images=5) == {"d/x": 5}
     assert model.parts.categories["d/x"].bank.shape == (5, 1, model.backbone.embed_dim + 3)
-    cal = model.fit_calibration([(held, masks, ["d/x"] * 8)])
+    cal = fit_calibration(model, [(held, masks, ["d/x"] * 8)])
     slot = cal.components["d/x"][0]
     assert math.isfinite(slot.bank_low) and slot.bank_high > slot.bank_low
     normal, blue = _coloured((0.8, 0.1, 0.1), 4, 2), _coloured((0.1, 0.2, 0.8), 4, 2)
@@ -268,7 +269,7 @@ def test_the_answer_names_the_part_slot_and_the_overlay_outlines_the_parts():
 
     model = _tiny_with_parts()
     g = torch.Generator().manual_seed(3)
-    model.fit_calibration([(torch.rand(4, 3, 56, 56, generator=g), None, ["d/a"] * 4)])
+    fit_calibration(model, [(torch.rand(4, 3, 56, 56, generator=g), None, ["d/a"] * 4)])
     loaded = Loaded(model, "anomalymoe-d", "1", "local", Framing.for_model(model.cfg))
     arr = (torch.rand(56, 56, 3, generator=g) * 255).to(torch.uint8).numpy()
     buf = io.BytesIO()

@@ -10,6 +10,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
+from anomalymoe.models.calibration import fit_calibration
 from anomalymoe.models.config import presets
 from anomalymoe.models.model import AnomalyMoE
 from anomalymoe.models.router import _topk_softmax
@@ -86,7 +87,7 @@ def test_train_calibrate_predict_under_cuda_like_bf16(mode):
     with emu:
         trainer = Trainer(model, TrainConfig(steps=3, batch_size=4, warmup_steps=1), precision="bf16")
         recs = [trainer.step(images, masks) for _ in range(2)]
-        cal = model.fit_calibration([(images, masks, ["a"] * 4)])
+        cal = fit_calibration(model, [(images, masks, ["a"] * 4)])
         pred = model.predict(images, masks, ["a"] * 4)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(images, masks, compute_targets=False)
@@ -109,7 +110,7 @@ def test_bf16_scores_track_fp32_scores():
     torch.manual_seed(0)
     model = AnomalyMoE(presets()["test-tiny"])
     images, masks = _batch(seed=1)
-    model.fit_calibration([(images, masks, ["a"] * 4)])
+    fit_calibration(model, [(images, masks, ["a"] * 4)])
     ref = model.predict(images, masks, ["a"] * 4)
     model.inference_precision = "bf16"
     with CudaLikeAutocast():

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from anomalymoe.models.artifact import save_artifact
+from anomalymoe.models.calibration import fit_calibration
 from anomalymoe.models.config import presets
 from anomalymoe.models.model import AnomalyMoE
 from anomalymoe.platform import promotion
@@ -44,7 +45,7 @@ def make_model(df, seed: int, calibrate: bool = True) -> AnomalyMoE:
     if calibrate:
         train = df[df["split"] == "train"]
         images, masks = load_rows(train, model.cfg.backbone.img_size)
-        model.fit_calibration([(images, masks, (train["domain"] + "/" + train["category"]).tolist())])
+        fit_calibration(model, [(images, masks, (train["domain"] + "/" + train["category"]).tolist())])
     return model
 
 

@@ -383,6 +383,7 @@ def test_buckets_are_exact_under_threads_and_count_pixels():
 # ------------------------------------------------------------------------------------------------ inference
 @pytest.fixture(scope="module")
 def loaded():
+    from anomalymoe.models.calibration import fit_calibration
     from anomalymoe.models.config import presets
     from anomalymoe.models.model import AnomalyMoE
     from anomalymoe.platform.data.transforms import Framing
@@ -392,7 +393,7 @@ def loaded():
     model = AnomalyMoE(presets()["test-tiny"]).eval()
     size = model.cfg.backbone.img_size
     imgs = torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(1))
-    model.fit_calibration([(imgs, None, ["textures/brick"] * 4)])
+    fit_calibration(model, [(imgs, None, ["textures/brick"] * 4)])
     return Loaded(model, "anomalymoe-textures", "1", "models:/anomalymoe-textures/1",
                   Framing.for_model(model.cfg))
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from anomalymoe.models.calibration import fit_calibration, fit_part_bank
 from anomalymoe.models.model import AnomalyMoE
 from anomalymoe.platform.data.pipeline import to_device
 from anomalymoe.platform.evaluation.metrics import AnomalyMetrics
@@ -125,8 +126,8 @@ def logical_defects(images: Tensor, masks: list[Tensor | None], seed: int, first
 
 
 def synthetic_defects(seed: int = 0) -> Callable[[Tensor, list, int], Tensor]:
-    """The defect maker calibration fits fusion weights with (AnomalyMoE.fit_calibration(defects=)): image i of the
-    stream gets a pasted local defect when i is even, a part-level logical edit (logical_defects) when odd."""
+    """The defect maker calibration fits fusion weights with (models/calibration.fit_calibration(defects=)): image i
+    of the stream gets a pasted local defect when i is even, a part-level logical edit (logical_defects) when odd."""
 
     def make(images: Tensor, masks: list, first_index: int) -> Tensor:
         local = paste_defects(images, seed, first_index)[0]
@@ -139,16 +140,17 @@ def synthetic_defects(seed: int = 0) -> Callable[[Tensor, list, int], Tensor]:
 
 def calibrate(model: AnomalyMoE, batches, seed: int = 0, reference=None):
     """The platform's calibration on held-out normal (images, masks, categories) batches (a list, or a callable
-    giving a fresh iterator): AnomalyMoE.fit_calibration with the synthetic defects its fusion weights are fitted on.
+    giving a fresh iterator): models/calibration.fit_calibration with the synthetic defects its fusion weights are
+    fitted on.
     reference: batches of normal *training* images (an iterable); the model's part bank is fitted on them first
-    (AnomalyMoE.fit_part_bank; bank_batches makes them). Without it an existing bank is kept.
+    (calibration.fit_part_bank; bank_batches makes them). Without it an existing bank is kept.
     Every path that calibrates (the training job, tuning, benchmarks, validation) goes through here."""
     if reference is not None:
-        model.fit_part_bank(reference)
-    return model.fit_calibration(batches, defects=synthetic_defects(seed))
+        fit_part_bank(model, reference)
+    return fit_calibration(model, batches, defects=synthetic_defects(seed))
 
 
-BANK_IMAGES = 256  # training images per category in the part bank (AnomalyMoE.fit_part_bank)
+BANK_IMAGES = 256  # training images per category in the part bank (calibration.fit_part_bank)
 
 
 def bank_batches(train_rows, frame, kept, device, batch_size: int = 8):
