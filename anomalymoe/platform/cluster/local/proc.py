@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from anomalymoe.paths import REPO_ROOT
 
@@ -107,10 +107,16 @@ def terminate(pids: list[int], timeout: float = 15.0, group: bool = False) -> No
 class ManagedServer:
     """One server process owned through a pid file in ``state_dir``: ``start`` attaches to the copy already
     running instead of starting a second one, ``stop`` ends only the process (group) named in the pid file and
-    only after ``_is_ours`` recognises its command line. Subclasses give the command, the check and readiness.
+    only after ``_is_ours`` recognises its command line. Subclasses give the command, the check and readiness,
+    and where they need them the hooks ``_prepare`` (before launch) and ``_cleanup`` (after stop).
     ``tie_to_parent`` makes the kernel stop the server if this Python process dies (tests: no leaked servers)."""
 
-    name = "server"
+    name = "server"  # stem of its files in state_dir: <name>.log, <name>.pid
+    title = ""  # its name in messages (default: name)
+    port_key = "port"  # the key of its (main) port in server.json
+    port_setting = ""  # how a user picks another port, quoted when the port is taken
+    error: type[LocalServerError] = LocalServerError  # what start raises
+    poll_seconds = 0.2  # how often start asks _ready
 
     def __init__(self, state_dir: str | os.PathLike[str], port: int | None = None, *, tie_to_parent: bool = False,
                  start_timeout: float = 60.0) -> None:
@@ -121,10 +127,18 @@ class ManagedServer:
         self.port: int | None = None
         self.pid: int | None = None
         self.start_seconds: float | None = None
-        self.info: dict[str, Any] = {}  # what _command chose besides the port (saved in server.json)
+        self.info: dict[str, Any] = {}  # what _prepare/_command chose besides the port (saved in server.json)
+        self._not_ready: object = None  # why _ready last said no, if it says (quoted when start-up times out)
         self._proc: subprocess.Popen | None = None
 
+    @property
+    def label(self) -> str:
+        return self.title or self.name
+
     # ---------------------------------------------------------------- to override
+    def _prepare(self, port: int) -> None:
+        """Before a launch on ``port``: choose further ports (into ``self.info``), write config files."""
+
     def _command(self, port: int) -> list[str]:
         raise NotImplementedError
 
@@ -135,7 +149,11 @@ class ManagedServer:
         raise NotImplementedError
 
     def _ready(self) -> bool:
+        """True once it answers; it may leave the reason for a False in ``self._not_ready``."""
         raise NotImplementedError
+
+    def _cleanup(self) -> None:
+        """After ``stop`` (whether or not one was running): remove what the server leaves behind."""
 
     def env(self) -> dict[str, str]:
         """Environment variables that point clients at this server (the CLI's `env` command prints them)."""
@@ -176,7 +194,7 @@ class ManagedServer:
         pid = self.running_pid()
         out: dict[str, Any] = {"running": pid is not None, "state_dir": str(self.state_dir), "log": str(self.log_file)}
         if pid is not None:
-            out.update(pid=pid, port=self.read_server().get("port"))
+            out.update(pid=pid, port=self.read_server().get(self.port_key))
         return out
 
     def log_tail(self, n: int = 20) -> str:
@@ -186,26 +204,29 @@ class ManagedServer:
             return ""
 
     # ---------------------------------------------------------------- lifecycle
-    def start(self):
+    def start(self) -> Self:
         """Start (or attach to the running copy) and return once it answers."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         pid = self.running_pid()
         if pid is not None:
-            port = self.read_server().get("port")
+            server = self.read_server()
+            port = server.get(self.port_key)
             if self.requested_port is not None and port != self.requested_port:
-                raise LocalServerError(f"{self.name} for {self.state_dir} already runs on port {port} (pid {pid}); "
-                                       f"stop it before starting on port {self.requested_port}")
+                raise self.error(f"{self.label} for {self.state_dir} already runs on port {port} (pid {pid}); "
+                                 f"stop it before starting on port {self.requested_port}")
             self.pid, self.port = pid, port
-            self.info = {k: v for k, v in self.read_server().items() if k not in ("port", "pid")}
+            self.info = {k: v for k, v in server.items() if k not in (self.port_key, "pid")}
             self._wait(time.monotonic() + self.start_timeout)
             return self
         port = self.requested_port
         if port is None:
-            old = self.read_server().get("port")
+            old = self.read_server().get(self.port_key)
             port = old if isinstance(old, int) and port_free(old) else free_port()
         elif not port_free(port):
-            raise LocalServerError(f"port {port} on {HOST} is already in use by another process: stop it or "
-                                   f"choose another port for {self.name}")
+            hint = f" ({self.port_setting})" if self.port_setting else ""
+            raise self.error(f"port {port} on {HOST} is already in use by another process: stop it or "
+                             f"choose another port for {self.label}{hint}")
+        self._prepare(port)
         cmd = self._command(port)
         if self.tie_to_parent and shutil.which("setpriv"):
             cmd = ["setpriv", "--pdeathsig", "TERM", "--", *cmd]
@@ -218,7 +239,7 @@ class ManagedServer:
                                           close_fds=True)
         self.pid, self.port = self._proc.pid, port
         self.pid_file.write_text(f"{self.pid}\n")
-        self.server_file.write_text(json.dumps({**self.info, "port": port, "pid": self.pid}, indent=1))
+        self.server_file.write_text(json.dumps({**self.info, self.port_key: port, "pid": self.pid}, indent=1))
         try:
             self._wait(t0 + self.start_timeout)
         except BaseException:
@@ -228,15 +249,17 @@ class ManagedServer:
         return self
 
     def _wait(self, deadline: float) -> None:
+        self._not_ready = None
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is not None:
-                raise LocalServerError(f"{self.name} exited with code {self._proc.returncode} during start-up; "
-                                       f"log {self.log_file}:\n{self.log_tail()}")
+                raise self.error(f"{self.label} exited with code {self._proc.returncode} during start-up; "
+                                 f"log {self.log_file}:\n{self.log_tail()}")
             if self._ready():
                 return
-            time.sleep(0.2)
-        raise LocalServerError(f"{self.name} on port {self.port} did not become ready within "
-                               f"{self.start_timeout:.0f} s; log {self.log_file}:\n{self.log_tail()}")
+            time.sleep(self.poll_seconds)
+        why = f" ({self._not_ready})" if self._not_ready is not None else ""
+        raise self.error(f"{self.label} on port {self.port} did not become ready within "
+                         f"{self.start_timeout:.0f} s{why}; log {self.log_file}:\n{self.log_tail()}")
 
     def stop(self, timeout: float = 15.0) -> bool:
         """Stop this state dir's server and its workers (its process group); False if none was running."""
@@ -251,6 +274,7 @@ class ManagedServer:
             self._proc = None
         with contextlib.suppress(OSError):
             self.pid_file.unlink()
+        self._cleanup()
         self.pid = None
         return stopped
 
@@ -259,7 +283,7 @@ class ManagedServer:
         if self._proc is not None:
             self._proc.returncode = 0  # no "still running" warning at exit
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -272,15 +296,19 @@ def default_state_root() -> Path:
 
 
 
-def run_cli(make: Callable[[], ManagedServer], command: str, started: Callable[[ManagedServer, str], str]) -> int:
+def run_cli(make: Callable[[], ManagedServer], command: str, started: Callable[[Any, str], str],
+            then: Callable[[Any], object] | None = None) -> int:
     """start|stop|status|env for a local server (the infra/local/*.sh scripts). ``make`` builds the server (it
-    may raise LocalServerError for bad settings); ``started`` words the start line ("already running" or
-    "started in N s" is passed in). Exit codes: 0 ok, 1 error, 3 not running."""
+    may raise LocalServerError for bad settings); ``then`` runs once it answers (e.g. create buckets);
+    ``started`` words the start line ("already running" or "started in N s" is passed in). Exit codes: 0 ok,
+    1 error, 3 not running."""
     try:
         server = make()
         if command == "start":
             already = server.running_pid()
             server.start()
+            if then is not None:
+                then(server)
             server.detach()
             print(started(server, "already running" if already else f"started in {server.start_seconds:.1f} s"))
             return 0
@@ -289,14 +317,15 @@ def run_cli(make: Callable[[], ManagedServer], command: str, started: Callable[[
             return 0
         st = server.status()
         if command == "status":
-            print(f"running, pid {st['pid']}, port {st['port']}" if st["running"] else "not running",
+            where = st.get("endpoint") or f"port {st.get('port')}"
+            print(f"running, pid {st['pid']}, {where}" if st["running"] else "not running",
                   f"(state {st['state_dir']}, log {st['log']})")
             return 0 if st["running"] else 3
         if not st["running"]:
-            print(f"local {server.name} is not running ({server.state_dir}): start it first", file=sys.stderr)
+            print(f"local {server.label} is not running ({server.state_dir}): start it first", file=sys.stderr)
             return 3
         server.port = st["port"]
-        server.info = {k: v for k, v in server.read_server().items() if k not in ("port", "pid")}
+        server.info = {k: v for k, v in server.read_server().items() if k not in (server.port_key, "pid")}
         for k, v in server.env().items():
             print(f"export {k}={v}")
         return 0

