@@ -11,6 +11,8 @@ import importlib
 import json
 import logging
 import os
+import signal
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -51,21 +53,22 @@ def _app_doc(args: dict[str, Any], name: str) -> dict[str, Any]:
 
 def domain_app(args: dict[str, Any]) -> Application:
     """``anomalymoe.serve.app:domain_app``: Ingress → Scorer for args["domain"]."""
-    from anomalymoe.serve.ingress import Ingress
+    from anomalymoe.serve.ingress import IngressDeployment
     from anomalymoe.serve.scorer import Scorer
 
     doc = _app_doc(args, args["domain"])
     scorer = _versioned(Scorer.options(**_options(doc, "Scorer")), doc).bind(args["domain"], args["config"])
-    return _versioned(Ingress.options(**_options(doc, "Ingress")), doc).bind(args["domain"], args["config"], scorer)
+    ingress = _versioned(IngressDeployment.options(**_options(doc, "Ingress")), doc)
+    return ingress.bind(args["domain"], args["config"], scorer)
 
 
 def ops_app(args: dict[str, Any]) -> Application:
     """``anomalymoe.serve.app:ops_app``: health, readiness, metrics and the shared ServeState."""
-    from anomalymoe.serve.ops import Ops, ServeState
+    from anomalymoe.serve.ops import OpsDeployment, ServeState
 
     doc = _app_doc(args, OPS_APP)
     state = _versioned(ServeState.options(**_options(doc, "ServeState")), doc).bind()
-    return _versioned(Ops.options(**_options(doc, "Ops")), doc).bind(args["config"], state)
+    return _versioned(OpsDeployment.options(**_options(doc, "Ops")), doc).bind(args["config"], state)
 
 
 def pins(cfg: ServeConfig) -> dict[str, dict[str, str]]:
@@ -149,6 +152,52 @@ def wait_ready(cfg: ServeConfig, timeout: float = 600.0) -> dict[str, Any]:
             pass
         time.sleep(1.0)
     raise NotReady(f"the service did not become ready in {timeout:.0f} s: {json.dumps(body)[:1000]}")
+
+
+class DeployError(RuntimeError):
+    """The service cannot be deployed as configured; the message says what to do."""
+
+
+def start(cfg: ServeConfig, address: str | None = None, *, ready_timeout: float | None = 600.0,
+          log_level: str = "INFO") -> dict[str, dict[str, str]]:
+    """Connect to Ray (`address`; None: a local Ray in this process), deploy every application and, unless
+    `ready_timeout` is None, wait until every domain's model is loaded. Returns the pins deployed. Refuses, before
+    anything is deployed, a tenant store that does not exist (replicas fail closed on it: readiness could never
+    come) and aliases that name no model."""
+    from anomalymoe.platform.cluster.ray import connect_ray
+    from anomalymoe.platform.tracking.registry import RegistryError
+    from anomalymoe.serve.tenants import TenantStore
+
+    if not TenantStore(cfg.tenants_location).exists():
+        raise DeployError(f"no tenant store at {cfg.tenants_location}: add a tenant first (python jobs/serve.py "
+                          "tenants add <name> --domain '*'), or point tenants_uri / --tenants at the store")
+    connect_ray(address)
+    try:
+        pinned = deploy(cfg, log_level=log_level)
+    except RegistryError as e:
+        raise DeployError(f"{e}\n(train and promote a model first: python jobs/train.py; python jobs/promote.py "
+                          "--domain <domain>; or serve fewer domains with --domain)") from None
+    if ready_timeout is not None:
+        wait_ready(cfg, ready_timeout)
+    return pinned
+
+
+def wait_for_signal() -> None:
+    """Block until SIGINT or SIGTERM (a service left up for a person: `jobs/serve.py run`, the demo's
+    --keep-serving)."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+def status_lines() -> list[str]:
+    """One line per running application: its status and its deployments' replica states."""
+    lines = []
+    for name, app in serve.status().applications.items():
+        deps = {d: f"{s.status.value} {dict(s.replica_states)}" for d, s in app.deployments.items()}
+        lines.append(f"{name:12s} {app.status.value:10s} {deps}")
+    return lines
 
 
 class PushError(RuntimeError):

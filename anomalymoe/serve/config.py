@@ -148,6 +148,18 @@ class ServeConfig(Strict):
                 return d
         raise KeyError(f"no domain {name!r} in the serve config (has {[d.domain for d in self.domains]})")
 
+    def narrowed(self, domains: list[str] | None = None, port: int | None = None, tenants_uri: str | None = None
+                 ) -> ServeConfig:
+        """This config with only `domains` served (each must be configured), another port or tenant store."""
+        changes: dict[str, Any] = {}
+        if domains:
+            changes["domains"] = [self.domain(d) for d in domains]
+        if port:
+            changes["port"] = port
+        if tenants_uri:
+            changes["tenants_uri"] = tenants_uri
+        return self.model_copy(update=changes) if changes else self
+
     @property
     def tenants_location(self) -> str:
         return self.tenants_uri or str(REPO_ROOT / "outputs" / "serve" / "tenants.json")

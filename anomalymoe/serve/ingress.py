@@ -29,7 +29,7 @@ from anomalymoe.serve import errors
 from anomalymoe.serve.config import ServeConfig
 from anomalymoe.serve.errors import ApiError
 from anomalymoe.serve.metrics import Metrics
-from anomalymoe.serve.ops import readiness, start_flusher, state_handle
+from anomalymoe.serve.ops import StateClient, readiness
 from anomalymoe.serve.ratelimit import Buckets, retry_after
 from anomalymoe.serve.schema import ErrorResponse, ScoreResponse
 from anomalymoe.serve.tenants import StoreUnavailable, Tenant, TenantCache, bearer
@@ -132,51 +132,33 @@ async def image_and_category(request: Request, ctype: str, body: bytes, query_ca
 
 
 # ------------------------------------------------------------------------------------------------ the app
-router = APIRouter()
+def domain_router(ing: Ingress | None) -> APIRouter:
+    """A domain's routes, bound to this replica's `Ingress` (None: only for the OpenAPI document, see openapi.py)."""
+    router = APIRouter()
+
+    @router.post("/score", response_model=ScoreResponse, responses=ERRORS, openapi_extra=IMAGE_BODY,
+                 summary="Score one image: anomaly score, verdict, the levels and experts behind it")
+    async def score(request: Request,
+                    map: bool = Query(False, description="add the anomaly map as a base64 PNG overlay"),  # noqa: A002
+                    category: str | None = Query(None, description="the image's category (its threshold); "
+                                                                   "default: the domain's pooled threshold")
+                    ) -> JSONResponse:
+        return await ing.score(request, map, category)
+
+    @router.get("/readyz", summary="200 when this domain's model is loaded and keys can be checked, else 503",
+                responses={503: {"description": "no scorer replica of this domain has its model loaded, or the "
+                                                "tenant store is unreadable"}})
+    async def domain_readyz(request: Request) -> JSONResponse:
+        """{"ready": bool}; with an admin key (a tenant with domain "ops") also what is served and why not ready."""
+        return await ing.readyz(request)
+
+    return router
 
 
-@router.post("/score", response_model=ScoreResponse, responses=ERRORS, openapi_extra=IMAGE_BODY,
-             summary="Score one image: anomaly score, verdict, the levels and experts behind it")
-async def score(request: Request,
-                map: bool = Query(False, description="add the anomaly map as a base64 PNG overlay"),  # noqa: A002
-                category: str | None = Query(None, description="the image's category (its threshold); "
-                                                               "default: the domain's pooled threshold")
-                ) -> JSONResponse:
-    return await _current().score(request, map, category)
-
-
-@router.get("/readyz", summary="200 when this domain's model is loaded and keys can be checked, else 503",
-            responses={503: {"description": "no scorer replica of this domain has its model loaded, or the tenant "
-                                            "store is unreadable"}})
-async def domain_readyz(request: Request) -> JSONResponse:
-    """{"ready": bool}; with an admin key (a tenant with domain "ops") also what is served and why not ready."""
-    ing = _current()
-    ok, by = await readiness([ing.domain])
-    body = dict(by[ing.domain])
-    problem = ing.tenants.problem()
-    if problem:  # keys cannot be checked: every request would be refused
-        ok, body["tenants"] = False, problem
-    if ing.tenants.admin(request.headers.get("authorization")):
-        return JSONResponse({**body, "ready": ok}, status_code=200 if ok else 503)
-    return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
-
-
-_INGRESS: Ingress | None = None  # this replica's instance (Serve serves a copy of `api`, so not in api.state)
-
-
-def _current() -> Ingress:
-    if _INGRESS is None:
-        raise ApiError(503, "unavailable", "the ingress is still starting")
-    return _INGRESS
-
-
-def build_api(title: str) -> FastAPI:
-    api = FastAPI(title=title, version="1", docs_url=None, redoc_url=None)
-    api.include_router(router)
+def domain_api(ing: Ingress | None) -> FastAPI:
+    api = FastAPI(title="AnomalyMoE scoring", version="1", docs_url=None, redoc_url=None)
+    api.include_router(domain_router(ing))
     return errors.install(api)
-
-
-api = build_api("AnomalyMoE scoring")
 
 
 def _retryable() -> tuple[type[BaseException], ...]:
@@ -185,9 +167,10 @@ def _retryable() -> tuple[type[BaseException], ...]:
     return (RayActorError, ActorDiedError, ActorUnavailableError)
 
 
-@serve.deployment(name="Ingress")
-@serve.ingress(api)
 class Ingress:
+    """One replica of a domain's HTTP front: its tenant cache, rate limits and metrics, and the Scorer handle.
+    Serve builds the replica's FastAPI app from it (`__serve_build_asgi_app__`), so the routes reach it directly."""
+
     def __init__(self, domain: str, config: dict[str, Any], scorer: Any):
         self.cfg = ServeConfig.model_validate(config)
         self.domain, self.scorer = domain, scorer
@@ -199,11 +182,20 @@ class Ingress:
         self._refreshing = asyncio.Lock()
         self._flusher: asyncio.Task | None = None
         self._scope_warned = False
-        # this class is shipped to the replica by value (the module's `Ingress` name is the Deployment), so its
-        # globals are a copy: register in the real module, where the routes look
-        import anomalymoe.serve.ingress as module
+        self.state = StateClient()
 
-        module._INGRESS = self
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return domain_api(self)
+
+    async def readyz(self, request: Request) -> JSONResponse:
+        ok, by = await readiness([self.domain])
+        body = dict(by[self.domain])
+        problem = self.tenants.problem()
+        if problem:  # keys cannot be checked: every request would be refused
+            ok, body["tenants"] = False, problem
+        if self.tenants.admin(request.headers.get("authorization")):
+            return JSONResponse({**body, "ready": ok}, status_code=200 if ok else 503)
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     async def _tenant(self, request: Request) -> Tenant:
         key = bearer_key(request)
@@ -224,7 +216,7 @@ class Ingress:
 
     async def _take(self, key: str, rate: float, burst: float, n: float = 1.0) -> tuple[float, str]:
         """(seconds to wait, scope) from the service-wide bucket `key`, else this replica's (said in the scope)."""
-        h = state_handle()
+        h = self.state.handle()
         if h is not None:
             try:
                 return await asyncio.wait_for(h.take.remote(key, rate, burst, n), timeout=2.0), "service"
@@ -323,4 +315,7 @@ class Ingress:
 
     def _start_flusher(self) -> None:
         if self._flusher is None:
-            self._flusher = start_flusher(self.metrics, f"ingress-{self.domain}")
+            self._flusher = self.state.start_flusher(self.metrics, f"ingress-{self.domain}")
+
+
+IngressDeployment = serve.deployment(name="Ingress")(serve.ingress()(Ingress))

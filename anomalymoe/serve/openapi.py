@@ -1,4 +1,4 @@
-"""The service's OpenAPI document, built from the same routers the deployments serve: the domain router under
+"""The service's OpenAPI document, built from the same route builders the deployments serve: the domain router under
 ``/v1/{domain}`` and the ops router at the root. The copy in the repo (``docs/openapi.json``) is checked against
 it by a test; regenerate with ``python jobs/serve.py openapi --out docs/openapi.json``."""
 
@@ -22,8 +22,8 @@ def openapi_document() -> dict[str, Any]:
                   description="One application per domain at /v1/{domain}; every request to /score needs "
                               "'Authorization: Bearer <tenant API key>'. Errors are "
                               '{"error": {"code", "message", "request_id"}}.')
-    app.include_router(ingress.router, prefix="/v1/{domain}")
-    app.include_router(ops.router)
+    app.include_router(ingress.domain_router(None), prefix="/v1/{domain}")
+    app.include_router(ops.ops_router(None))
     doc = app.openapi()
     doc.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     for path, ops_ in doc["paths"].items():

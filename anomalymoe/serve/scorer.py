@@ -26,6 +26,7 @@ from ray import serve
 from anomalymoe.serve.config import ServeConfig
 from anomalymoe.serve.inference import Loaded, device_for, load, score_batch
 from anomalymoe.serve.metrics import Metrics
+from anomalymoe.serve.ops import StateClient
 
 log = logging.getLogger("ray.serve")
 
@@ -46,7 +47,7 @@ class Scorer:
         self.batches: collections.deque = collections.deque(maxlen=2000)  # (model id, size): for tests/debugging
         self._batch.set_max_batch_size(self.dom.max_batch_size)
         self._batch.set_batch_wait_timeout_s(self.dom.batch_wait_timeout_s)
-        self._state = None
+        self.state = StateClient()
         self._flusher: asyncio.Task | None = None
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -121,6 +122,4 @@ class Scorer:
 
     def _start_flusher(self) -> None:
         if self._flusher is None:
-            from anomalymoe.serve.ops import start_flusher
-
-            self._flusher = start_flusher(self.metrics, f"scorer-{self.domain}")
+            self._flusher = self.state.start_flusher(self.metrics, f"scorer-{self.domain}")

@@ -312,6 +312,13 @@ class TenantStore:
         return self._with_new_key({"op": "add_tenant", "tenant": name, "domains": sorted(set(domains)),
                                    "rate": rate_d, "variants": dict(variants or {})})
 
+    def fresh_key(self, name: str, domains: list[str], rate: RateLimit | None = None) -> str:
+        """A new key for `name`, the tenant's only valid one: the tenant is added if it is not there, else its
+        older keys are revoked (a key is shown once: a demo or a test that runs again needs a new one)."""
+        if name in self.load()["tenants"]:
+            return self.rotate(name, revoke_old=True)
+        return self.add(name, domains, rate)
+
     def rotate(self, name: str, revoke_old: bool = False) -> str:
         """A further key for `name` (old keys stay valid unless `revoke_old`: rotate without downtime)."""
         t = self._tenant(self.load(), name)

@@ -491,14 +491,14 @@ def test_serve_cli_tenants_render_and_errors(tmp_path, capsys):
         job.main(["render", "--domain", "video"])
 
 
-def test_an_unexpected_error_answers_with_its_request_id_only(caplog):
+def test_an_unexpected_error_answers_with_its_request_id_only(caplog, tmp_path):
     """A 500 carried the exception text (Ray actor ids, hosts, paths, the MLflow URI): now the body has the error
     shape and the request id only; the details are in the log under that id. The ops app has the same shape."""
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
     from anomalymoe.serve import errors
-    from anomalymoe.serve.ops import ops_api
+    from anomalymoe.serve.ops import Ops, ops_api
 
     app = errors.install(FastAPI())
 
@@ -512,9 +512,40 @@ def test_an_unexpected_error_answers_with_its_request_id_only(caplog):
     assert r.json()["error"]["request_id"] == "req-7" and "req-7" in r.json()["error"]["message"]
     assert "10.0.0.7" not in r.text and "9f3a1c" not in r.text and "mlflow" not in r.text
     assert "req-7" in caplog.text and "10.0.0.7" in caplog.text  # the operator still has it
-    missing = TestClient(ops_api).get("/nope")
+    cfg = sc.ServeConfig(domains=[sc.DomainConfig(domain="textures")], tenants_uri=str(tmp_path / "t.json"))
+    ops = TestClient(ops_api(Ops(cfg.model_dump(mode="json"), state=None)))
+    missing = ops.get("/nope")
     assert missing.status_code == 404 and set(missing.json()["error"]) == {"code", "message", "request_id"}
-    assert TestClient(ops_api).get("/metrics").json()["error"]["code"] == "unauthorized"  # no admin key
+    assert ops.get("/metrics").json()["error"]["code"] == "unauthorized"  # no admin key
+
+
+def test_routes_reach_their_own_replica_object(tmp_path, monkeypatch):
+    """The routes are built per replica around its Ops/Ingress object (Serve's `__serve_build_asgi_app__`), not
+    looked up through module globals: two apps built side by side answer from their own objects."""
+    from fastapi.testclient import TestClient
+
+    from anomalymoe.serve import ops as ops_module
+    from anomalymoe.serve.ops import Ops, ops_api
+
+    async def no_scorers(domains):  # outside Serve no scorer answers (and no Ray is started to find that out)
+        return False, {d: {"domain": d, "ready": False, "reason": "no Serve here"} for d in domains}
+
+    monkeypatch.setattr(ops_module, "readiness", no_scorers)
+
+    def app(domains: list[str], store: str) -> tuple[TestClient, str]:
+        key = TenantStore(store).add("admin", ["ops"])
+        cfg = sc.ServeConfig(domains=[sc.DomainConfig(domain=d) for d in domains], tenants_uri=store)
+        return TestClient(ops_api(Ops(cfg.model_dump(mode="json"), state=None))), key
+
+    a, key_a = app(["textures"], str(tmp_path / "a.json"))
+    b, key_b = app(["objects", "video"], str(tmp_path / "b.json"))
+    ra = a.get("/v1/readyz", headers={"Authorization": f"Bearer {key_a}"})
+    rb = b.get("/v1/readyz", headers={"Authorization": f"Bearer {key_b}"})
+    assert ra.status_code == rb.status_code == 503
+    assert set(ra.json()["domains"]) == {"textures"} and set(rb.json()["domains"]) == {"objects", "video"}
+    assert a.get("/metrics", headers={"Authorization": f"Bearer {key_a}"}).status_code == 200
+    assert a.get("/metrics", headers={"Authorization": f"Bearer {key_b}"}).status_code == 401  # b's admin, not a's
+    assert a.get("/v1/readyz", headers={"Authorization": f"Bearer {key_b}"}).json() == {"ready": False}
 
 
 def test_no_secret_reaches_the_serve_config(monkeypatch, tmp_path):
