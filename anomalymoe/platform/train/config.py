@@ -243,6 +243,24 @@ def build_spec(ref: str | Path | None = None, flags: Mapping[str, Any] | None = 
     return to_spec(layer(ref, flags))
 
 
+def random_if_offline_missing(conf: dict[str, Any]) -> str | None:
+    """For the demo, which must run on any machine: when the config asks for offline: weights whose package is not
+    installed, train on a random backbone (asked for by name) and return the warning to print; None when the
+    weights are there (a wrong name stays an error)."""
+    weights = conf["model"]["backbone"]["weights"]
+    if not (weights and weights.startswith("offline:")):
+        return None
+    from anomalymoe.models.backbone import resolve_weights_file
+
+    try:
+        resolve_weights_file(weights)
+        return None
+    except FileNotFoundError as e:
+        conf["model"]["backbone"]["weights"] = RANDOM_WEIGHTS
+        return (f"WARNING: offline DINOv2-S weights unavailable ({e}); training on a RANDOM backbone (asked for by "
+                f"name: weights {RANDOM_WEIGHTS}): maps will be close to meaningless")
+
+
 # ------------------------------------------------------------------------------------------ the jobs' flags
 def add_config_arguments(ap: argparse.ArgumentParser) -> None:
     """The flags every training job shares (their defaults: the config's)."""

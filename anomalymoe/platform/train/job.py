@@ -273,3 +273,23 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(out / "summary.json", summary)
     return summary
+
+
+def reusable_summary(output: str | Path, run_name: str) -> dict[str, Any] | None:
+    """The summary.json a finished run `run_name` left in `output`, when its registered versions are still in the
+    registry (a job run again with the same setting can reuse it instead of training again); else None."""
+    from anomalymoe.platform.tracking import registry
+
+    p = Path(output) / "summary.json"
+    if not p.is_file():
+        return None
+    s = json.loads(p.read_text())
+    if s.get("run_name") != run_name or not s.get("versions"):
+        return None
+    c = registry.client()
+    try:
+        for d, v in s["versions"].items():
+            c.get_model_version(registry.model_name(d), str(v))
+    except Exception:  # noqa: BLE001 - a missing version (or store) means: train again
+        return None
+    return s
