@@ -18,7 +18,7 @@ from anomalymoe.models import layout
 from anomalymoe.models.backbone import Backbone, BackboneFeatures
 from anomalymoe.models.config import LEVELS, ModelConfig
 from anomalymoe.models.experts.component import ComponentExpert, component_features, stack_masks
-from anomalymoe.models.experts.global_expert import GlobalExpert
+from anomalymoe.models.experts.global_ import GlobalExpert
 from anomalymoe.models.experts.patch import PatchExpert
 from anomalymoe.models.losses import (
     MIEstimator,

@@ -9,7 +9,7 @@ import torch
 from anomalymoe.models.calibration import fit_calibration
 from anomalymoe.models.config import LEVELS, ModelConfig, RouterConfig
 from anomalymoe.models.experts.component import component_features
-from anomalymoe.models.experts.global_expert import GlobalExpert
+from anomalymoe.models.experts.global_ import GlobalExpert
 from anomalymoe.models.experts.patch import LinearAttention, PatchExpert
 from anomalymoe.models.losses import CLUBEstimator, esb_loss, hard_mining_cosine
 from anomalymoe.models.model import AnomalyMoE

@@ -1,2 +1,3 @@
-"""Clusters for development and tests: ``local`` holds the servers the README's commands and the integration tests
-start and stop (``proc``: process life cycle, ``s3``: SeaweedFS, ``mlflow``, ``ray_head``, ``stack``: the three)."""
+"""Clusters: ``ray`` (connecting a driver to Ray, Ray Train's checkpoint storage); for development and tests,
+``local`` holds the servers the README's commands and the integration tests start and stop (``proc``:
+``ManagedServer``, the one process life cycle; ``s3``: SeaweedFS; ``mlflow``; ``ray_head``; ``stack``: the three)."""
