@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from anomalymoe.platform.cluster.local.proc import HOST, LocalServerError, ManagedServer, default_state_root, run_cli
@@ -75,11 +73,7 @@ class LocalMLflow(ManagedServer):
         return "mlflow" in " ".join(argv[:4]) and "server" in argv and f"sqlite:///{self.db}" in argv
 
     def _ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://{HOST}:{self.port}/health", timeout=2) as r:
-                return r.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return self._http_status(f"http://{HOST}:{self.port}/health") == 200
 
 
 # ---------------------------------------------------------------------- CLI

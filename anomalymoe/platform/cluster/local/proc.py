@@ -5,6 +5,7 @@ only what this state directory started."""
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import random
@@ -14,6 +15,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
@@ -38,12 +41,34 @@ def port_free(port: int) -> bool:
     return True
 
 
+# Ray's worker processes take ports 10002-19999 on demand (its min/max_worker_port defaults): stay above them.
+PORTS_FROM = 20000
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for clients' source ports (Linux: net.ipv4.ip_local_port_range; 32768-60999 if unread)."""
+    try:
+        lo, hi = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(taken: set[int] | None = None, need_plus_10000: bool = False) -> int:
-    """A free port in 20000-54999 (below the usual ephemeral range); optionally with port+10000 free too."""
+    """A free port from 20000 up to the start of the ephemeral range; optionally with port+10000 free too (kept
+    below the ephemeral range as well where the range leaves room).
+
+    Below the ephemeral range because a port in it can be taken between our choice and the server's bind by any
+    client's outgoing connection, or by the readiness probe itself: connecting to a port in that range where
+    nothing listens yet can connect the socket to itself (TCP simultaneous open), and the probe then reads its own
+    request back as the answer (`BadStatusLine: GET /health HTTP/1.1`) and holds the port the server wants."""
     taken = taken or set()
+    top = ephemeral_ports()[0] - (10000 if need_plus_10000 else 0)
+    if top - PORTS_FROM < 1000:  # a machine whose ephemeral range starts low: the old range, probed as before
+        top = 55000
     rng = random.SystemRandom()
     for _ in range(500):
-        p = rng.randrange(20000, 55000)
+        p = rng.randrange(PORTS_FROM, top)
         if p in taken or (need_plus_10000 and p + 10000 in taken):
             continue
         if port_free(p) and (not need_plus_10000 or port_free(p + 10000)):
@@ -151,6 +176,18 @@ class ManagedServer:
     def _ready(self) -> bool:
         """True once it answers; it may leave the reason for a False in ``self._not_ready``."""
         raise NotImplementedError
+
+    def _http_status(self, url: str, timeout: float = 2.0) -> int | None:
+        """The status a GET of ``url`` answers with (error statuses included), or None with the reason in
+        ``self._not_ready``: refused, timed out, or an answer that is not HTTP (see ``free_port``)."""
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except (OSError, http.client.HTTPException) as e:
+            self._not_ready = e
+            return None
 
     def _cleanup(self) -> None:
         """After ``stop`` (whether or not one was running): remove what the server leaves behind."""

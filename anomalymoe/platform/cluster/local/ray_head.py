@@ -16,8 +16,6 @@ import argparse
 import hashlib
 import os
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from anomalymoe.platform.cluster.local.proc import (
@@ -78,11 +76,7 @@ class LocalRay(ManagedServer):
         return any(a.endswith("/ray") or a == "ray" for a in argv[:2]) and f"--temp-dir={self.temp_dir}" in argv
 
     def _ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=2) as r:
-                return r.status == 200
-        except (urllib.error.URLError, OSError, KeyError):
-            return False
+        return "dashboard_port" in self.info and self._http_status(f"{self.dashboard}/api/version") == 200
 
     def stop(self, timeout: float = 30.0) -> bool:
         stopped = super().stop(timeout)

@@ -21,8 +21,6 @@ import shutil
 import stat
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -175,12 +173,7 @@ class SeaweedS3(ManagedServer):
 
     def _ready(self) -> bool:
         """The S3 port answers HTTP and then a signed ListBuckets succeeds (the filer is up)."""
-        try:
-            urllib.request.urlopen(self.endpoint + "/", timeout=1).close()
-        except urllib.error.HTTPError:
-            pass  # 403 for an anonymous request: the gateway is listening
-        except OSError as e:
-            self._not_ready = e
+        if self._http_status(self.endpoint + "/", timeout=1) is None:  # 403 for an anonymous GET: it listens
             return False
         if self._probe is None or self._probe[0] != self.endpoint:
             self._probe = (self.endpoint, new_s3_client(self.endpoint, access_key=self.access_key,
