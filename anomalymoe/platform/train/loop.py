@@ -109,12 +109,23 @@ def _reseed(trainer: Trainer, seed: int, rank: int, step: int) -> None:
     trainer.generator.manual_seed(s)
 
 
+def _quiet_reports() -> None:
+    """Ray Train logs each report's whole metrics dict at INFO, from a logger named by its file's path (outside
+    `ray.train`, so its LoggingConfig does not reach it); the step line already says what matters."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its lines stay
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """The Ray Train worker function."""
     import ray.train
 
     from anomalymoe.platform.train.distributed import average_gradients, mean_over_ranks
 
+    _quiet_reports()
     cfg: LoopConfig = config["loop"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -211,6 +222,9 @@ def fit_on_ray(loop: LoopConfig, *, workers: int, storage_uri: str, gpu: bool = 
             name=loop.run_name, storage_path=path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # each line of the job log once: Ray Train's print patch logs every print of a worker and, its stdout
+            # being Ray's, prints it again
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
     )
     return trainer.fit()
