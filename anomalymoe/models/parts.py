@@ -234,9 +234,10 @@ class Parts:
         if not state:
             return cls()
         return cls(PartParams(**state["params"]),
-                   {k: CategoryParts(torch.as_tensor(v["centers"], dtype=torch.float32), [int(j) for j in v["kept"]],
+                   # copies: a state that crossed Ray's object store holds read-only arrays
+                   {k: CategoryParts(torch.tensor(v["centers"], dtype=torch.float32), [int(j) for j in v["kept"]],
                                      v.get("info", {}),
-                                     None if v.get("bank") is None else torch.as_tensor(v["bank"], dtype=torch.float16))
+                                     None if v.get("bank") is None else torch.tensor(v["bank"], dtype=torch.float16))
                     for k, v in state["categories"].items()})
 
     def save(self, path: str | Path) -> None:

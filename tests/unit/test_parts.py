@@ -88,6 +88,24 @@ def test_parts_survive_the_artifact_and_predictions_match(tmp_path):
         load_artifact(tmp_path / "m")
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # torch's "non-writable NumPy array" warning
+def test_parts_state_with_read_only_arrays_round_trips_into_own_tensors():
+    """What the training driver hands each Ray worker (Parts.state() through the object store: read-only arrays)."""
+    g = torch.Generator().manual_seed(0)
+    parts = Parts(PartParams(out_size=64), {"d/a": CategoryParts(torch.randn(4, 6, generator=g), [0, 2],
+                                                                 bank=torch.randn(3, 2, 6, generator=g).half())})
+    state = parts.state()
+    before = parts.categories["d/a"].centers.clone()
+    for arr in (state["categories"]["d/a"]["centers"], state["categories"]["d/a"]["bank"]):
+        arr.setflags(write=False)
+    back = Parts.from_state(state)
+    cat = back.categories["d/a"]
+    assert torch.equal(cat.centers, parts.categories["d/a"].centers) and cat.kept == [0, 2]
+    assert torch.equal(cat.bank, parts.categories["d/a"].bank)
+    cat.centers += 1  # its own memory: writable, and the state (and the tensors it came from) untouched
+    assert np.array_equal(state["categories"]["d/a"]["centers"], before.numpy())
+
+
 def test_an_artifact_written_before_a_config_field_existed_still_loads(tmp_path):
     model = _tiny_with_parts()
     save_artifact(model, tmp_path / "m")
