@@ -73,6 +73,7 @@ mask`` exactly, which :func:`render_sample` asserts for every sample.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -90,11 +91,13 @@ from skimage import draw
 from anomalymoe.platform.data.demo.textures import (  # noqa: F401 - iter_samples/load_mask are re-exported
     _category_id,
     _write_json_atomic,
-    check_request,
+    check_params,
     iter_samples,
     load_mask,
     materialize,
+    plan,
     run_cli,
+    save_png,
 )
 
 __all__ = [
@@ -137,7 +140,6 @@ DEFAULT_N_TEST_GOOD = 10
 DEFAULT_N_TEST_DEFECT_PER_TYPE = 5
 
 _MIN_DELTA = 8  # a masked pixel that did not change after quantisation is pushed by this much
-_MIN_IMAGE_SIZE = 64
 _REF = 256.0  # layout geometry is in pixels at this image size
 _SPLIT_IDS = {"train": 1, "test": 2}
 _KIND_IDS = {"good": 0, **{d: i + 1 for i, d in enumerate(DEFECT_TYPES)}}
@@ -660,21 +662,7 @@ def render_sample(
 
 
 # ----------------------------------------------------------------------------- writing the tree
-
-
-def _validate(*, category: str | None = None, image_size: int | None = None, seed: int | None = None) -> None:
-    if category is not None and category not in CATEGORIES:
-        raise ValueError(f"unknown category {category!r}; choose from {CATEGORIES}")
-    if image_size is not None and (not isinstance(image_size, int) or image_size < _MIN_IMAGE_SIZE):
-        raise ValueError(f"image_size must be an int >= {_MIN_IMAGE_SIZE}, got {image_size!r}")
-    if seed is not None and (not isinstance(seed, int) or seed < 0):
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-
-
-def _save_png(path: Path, arr: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Level 1: several times faster than the default 6, and these images are small anyway.
-    Image.fromarray(arr).save(path, format="PNG", compress_level=1)
+_validate = functools.partial(check_params, CATEGORIES)
 
 
 def _save_parts(path: Path, labels: np.ndarray, instances: np.ndarray) -> None:
@@ -729,44 +717,22 @@ def generate_objects(
     defect type, masks and part files per defect type, part types, defect groups), ``n_images``,
     ``n_masks``, ``n_part_files``, ``regenerated``.
     """
-    categories = tuple(categories)
-    check_request(categories, _validate, n_train=n_train, n_test_good=n_test_good,
-                  n_test_defect_per_type=n_test_defect_per_type)
-    _validate(image_size=image_size, seed=seed)
-    root = Path(root)
-    params = {
-        "version": _GENERATOR_VERSION,
-        "image_size": image_size,
-        "n_train": n_train,
-        "n_test_good": n_test_good,
-        "n_test_defect_per_type": n_test_defect_per_type,
-        "seed": seed,
-        "categories": list(categories),
-        "defect_types": list(DEFECT_TYPES),
-    }
-    per_cat = {
-        cat: _category_summary(cat, n_train, n_test_good, n_test_defect_per_type) for cat in categories
-    }
-    n_per_cat = n_train + n_test_good + n_test_defect_per_type * len(DEFECT_TYPES)
-    summary = {
-        "root": str(root),
-        "domain": DOMAIN,
-        "params": params,
-        "categories": per_cat,
-        "n_images": n_per_cat * len(categories),
-        "n_masks": n_test_defect_per_type * len(DEFECT_TYPES) * len(categories),
-        "n_part_files": n_per_cat * len(categories),
-    }
+    root, categories, params, summary = plan(
+        root, categories, _validate, version=_GENERATOR_VERSION, domain=DOMAIN, defect_types=DEFECT_TYPES,
+        category_summary=lambda cat: _category_summary(cat, n_train, n_test_good, n_test_defect_per_type),
+        image_size=image_size, n_train=n_train, n_test_good=n_test_good,
+        n_test_defect_per_type=n_test_defect_per_type, seed=seed)
+    summary["n_part_files"] = summary["n_images"]  # one part file per image
 
     def write_category(cat: str, base: Path) -> None:
         jobs = [("train", "good", i) for i in range(n_train)] + [("test", "good", i) for i in range(n_test_good)]
         jobs += [("test", d, i) for d in DEFECT_TYPES for i in range(n_test_defect_per_type)]
         for split, kind, i in jobs:
             s = render_sample(cat, split, kind, i, image_size=image_size, seed=seed)
-            _save_png(base / split / kind / f"{i:03d}.png", s.image)
+            save_png(base / split / kind / f"{i:03d}.png", s.image)
             _save_parts(base / "parts" / split / kind / f"{i:03d}.npz", s.labels, s.instances)
             if kind != "good":
-                _save_png(base / "ground_truth" / kind / f"{i:03d}_mask.png", s.mask.astype(np.uint8) * 255)
+                save_png(base / "ground_truth" / kind / f"{i:03d}_mask.png", s.mask.astype(np.uint8) * 255)
         _write_json_atomic(base / "defect_groups.json", dict(DEFECT_GROUPS))
         _write_json_atomic(base / "part_types.json", {str(k): v for k, v in PART_TYPES[cat].items()})
 

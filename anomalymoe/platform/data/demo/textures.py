@@ -30,6 +30,7 @@ of changed pixels after uint8 quantisation (``(defective != clean).any(-1) == ma
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -300,18 +301,23 @@ def render_sample(
 # ----------------------------------------------------------------------------- writing the tree
 
 
-def _validate(*, category: str | None = None, image_size: int | None = None, seed: int | None = None) -> None:
-    if category is not None and category not in CATEGORIES:
-        raise ValueError(f"unknown category {category!r}; choose from {CATEGORIES}")
+def check_params(known: Sequence[str], *, category: str | None = None, image_size: int | None = None,
+                 seed: int | None = None) -> None:
+    """The demo generators' parameter checks: a category of theirs, images of at least 64 px, a seed >= 0."""
+    if category is not None and category not in known:
+        raise ValueError(f"unknown category {category!r}; choose from {tuple(known)}")
     if image_size is not None and (not isinstance(image_size, int) or image_size < _MIN_IMAGE_SIZE):
         raise ValueError(f"image_size must be an int >= {_MIN_IMAGE_SIZE}, got {image_size!r}")
     if seed is not None and (not isinstance(seed, int) or seed < 0):
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
 
 
-def _save_png(path: Path, arr: np.ndarray) -> None:
+_validate = functools.partial(check_params, CATEGORIES)
+
+
+def save_png(path: Path, arr: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Level 1: ~4x faster than the default 6 and no larger for noisy textures.
+    # Level 1: ~4x faster than the default 6 and no larger for noisy textures (these images are small anyway).
     Image.fromarray(arr).save(path, format="PNG", compress_level=1)
 
 
@@ -357,51 +363,63 @@ def generate_textures(
     Summary keys: ``root``, ``domain``, ``params``, ``categories`` (per category: counts per
     split and defect type, and masks per defect type), ``n_images``, ``n_masks``, ``regenerated``.
     """
-    categories = tuple(categories)
-    check_request(categories, _validate, n_train=n_train, n_test_good=n_test_good,
-                  n_test_defect_per_type=n_test_defect_per_type)
-    _validate(image_size=image_size, seed=seed)
-    root = Path(root)
-    params = {
-        "version": _GENERATOR_VERSION,
-        "image_size": image_size,
-        "n_train": n_train,
-        "n_test_good": n_test_good,
-        "n_test_defect_per_type": n_test_defect_per_type,
-        "seed": seed,
-        "categories": list(categories),
-        "defect_types": list(DEFECT_TYPES),
-    }
-    per_cat = {cat: _category_summary(n_train, n_test_good, n_test_defect_per_type) for cat in categories}
-    n_per_cat = n_train + n_test_good + n_test_defect_per_type * len(DEFECT_TYPES)
-    summary = {
-        "root": str(root),
-        "domain": DOMAIN,
-        "params": params,
-        "categories": per_cat,
-        "n_images": n_per_cat * len(categories),
-        "n_masks": n_test_defect_per_type * len(DEFECT_TYPES) * len(categories),
-    }
+    root, categories, params, summary = plan(
+        root, categories, _validate, version=_GENERATOR_VERSION, domain=DOMAIN, defect_types=DEFECT_TYPES,
+        category_summary=lambda cat: _category_summary(n_train, n_test_good, n_test_defect_per_type),
+        image_size=image_size, n_train=n_train, n_test_good=n_test_good,
+        n_test_defect_per_type=n_test_defect_per_type, seed=seed)
 
     def write_category(cat: str, base: Path) -> None:
         for i in range(n_train):
-            _save_png(
+            save_png(
                 base / "train" / "good" / f"{i:03d}.png",
                 render_sample(cat, "train", "good", i, image_size=image_size, seed=seed).image,
             )
         for i in range(n_test_good):
-            _save_png(
+            save_png(
                 base / "test" / "good" / f"{i:03d}.png",
                 render_sample(cat, "test", "good", i, image_size=image_size, seed=seed).image,
             )
         for defect in DEFECT_TYPES:
             for i in range(n_test_defect_per_type):
                 s = render_sample(cat, "test", defect, i, image_size=image_size, seed=seed)
-                _save_png(base / "test" / defect / f"{i:03d}.png", s.image)
-                _save_png(base / "ground_truth" / defect / f"{i:03d}_mask.png", s.mask.astype(np.uint8) * 255)
+                save_png(base / "test" / defect / f"{i:03d}.png", s.image)
+                save_png(base / "ground_truth" / defect / f"{i:03d}_mask.png", s.mask.astype(np.uint8) * 255)
 
     return materialize(root, categories, params, summary, write_category, marker_name=MARKER_NAME,
                        partial_name=_PARTIAL_NAME, known_categories=CATEGORIES, generator=__name__)
+
+
+def plan(root: str | os.PathLike[str], categories: Sequence[str], validate: Callable[..., None], *, version: int,
+         domain: str, defect_types: Sequence[str], category_summary: Callable[[str], dict], image_size: int,
+         n_train: int, n_test_good: int, n_test_defect_per_type: int, seed: int) -> tuple[Path, tuple[str, ...],
+                                                                                        dict, dict]:
+    """The shared start of the demo generators: the request checked, the parameters their marker records and the
+    summary (root, domain, params, per-category counts, image and mask totals)."""
+    categories = tuple(categories)
+    check_request(categories, validate, n_train=n_train, n_test_good=n_test_good,
+                  n_test_defect_per_type=n_test_defect_per_type)
+    validate(image_size=image_size, seed=seed)
+    params = {
+        "version": version,
+        "image_size": image_size,
+        "n_train": n_train,
+        "n_test_good": n_test_good,
+        "n_test_defect_per_type": n_test_defect_per_type,
+        "seed": seed,
+        "categories": list(categories),
+        "defect_types": list(defect_types),
+    }
+    n_per_cat = n_train + n_test_good + n_test_defect_per_type * len(defect_types)
+    summary = {
+        "root": str(root),
+        "domain": domain,
+        "params": params,
+        "categories": {cat: category_summary(cat) for cat in categories},
+        "n_images": n_per_cat * len(categories),
+        "n_masks": n_test_defect_per_type * len(defect_types) * len(categories),
+    }
+    return Path(root), categories, params, summary
 
 
 def check_request(categories: tuple[str, ...], validate, **counts: int) -> None:
