@@ -264,8 +264,9 @@ def ray_rows(rows: pd.DataFrame, frame: int | Frame | Framing, *, read_concurren
     blocks = [rows.iloc[i : i + block_rows] for i in range(0, len(rows), block_rows)]  # one block per decode task
     # from_blocks, not from_pandas: from_pandas runs remote metadata tasks that need a free CPU, and inside a
     # Ray Train worker group that holds every CPU they never start (measured: a silent hang)
-    return ray.data.from_blocks(blocks).map_batches(decode, batch_format="pandas", concurrency=read_concurrency,
-                                                    batch_size=block_rows, num_cpus=num_cpus)
+    return ray.data.from_blocks(blocks).map_batches(decode, batch_format="pandas", batch_size=block_rows,
+                                                    compute=ray.data.TaskPoolStrategy(size=read_concurrency),
+                                                    num_cpus=num_cpus)
 
 
 def ray_epoch(df: pd.DataFrame, epoch: int, frame: int | Frame | Framing, *, seed: int = 0, alpha: float = 0.0,

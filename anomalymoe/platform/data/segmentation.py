@@ -267,8 +267,9 @@ def run_batches(rows, worker_cls, backbone: Backbone, kwargs: dict, *, batch_siz
         cfg = backbone.cfg.model_dump()
         uris = rows[["uri"]].reset_index(drop=True)
         ds = ray.data.from_pandas([uris.iloc[i : i + batch_size] for i in range(0, len(uris), batch_size)])
+        actors = ray.data.ActorPoolStrategy(size=max(1, int(ray.available_resources().get("CPU", 1))))
         out = ds.map_batches(worker_cls, fn_constructor_kwargs={"backbone": cfg, **kwargs}, batch_size=batch_size,
-                             batch_format="pandas", concurrency=max(1, int(ray.available_resources().get("CPU", 1))))
+                             batch_format="pandas", compute=actors)
         return out.to_pandas()
     worker = worker_cls(backbone, **kwargs)
     bar = tqdm(total=len(rows), desc=desc, disable=not progress, dynamic_ncols=True)
